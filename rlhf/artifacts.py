@@ -1,0 +1,257 @@
+"""Stage directories and their manifests.
+
+A stage directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON
+object per logging step), its outputs (``model/`` in Hugging Face format, ``eval/`` ...),
+``checkpoints/`` while it runs, and ``manifest.json``, written last by atomic rename. A
+directory without a complete manifest is unfinished; a complete one whose config hash and
+input fingerprints match the new run's is skipped.
+
+Only the main process (``RANK`` 0 under torchrun / accelerate) writes. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf.recipe import StageConfig
+
+MANIFEST = "manifest.json"
+LOCK = "running.lock"
+# Written by the toolkit while a stage runs; not part of the output fingerprint.
+_VOLATILE = {MANIFEST, LOCK, "metrics.jsonl", "config.yaml", "inputs.json", "checkpoints"}
+_PACKAGES = ("rlhf-toolkit", "torch", "transformers", "trl", "peft", "accelerate", "datasets")
+
+
+class InputError(Exception):
+    """A stage input that cannot be used; the message is ready to print (exit 2)."""
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def _hash_files(path: Path, skip: set[str]) -> str:
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        rel = file.relative_to(path) if path.is_dir() else Path(file.name)
+        if rel.parts and rel.parts[0] in skip:
+            continue
+        digest.update(str(rel).encode() + b"\0")
+        with open(file, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(path: Path) -> str:
+    """Content hash of a file or directory. A finished stage directory answers with the
+    fingerprint its manifest recorded, so large models are hashed once."""
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest and manifest.get("status") == "complete" and manifest.get("fingerprint"):
+        return manifest["fingerprint"]
+    return _hash_files(path, skip=set())
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(stage_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_input(field: str, path: Path, kinds: tuple[str, ...]) -> Path:
+    """Check one input of a stage and return it. Stage inputs must hold a complete manifest
+    of an accepted kind; ``"hf"`` in ``kinds`` also admits a plain Hugging Face model dir."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{field}: {path}: does not exist")
+    if not kinds:
+        return path
+    manifest = read_manifest(path)
+    wanted = " or ".join(k for k in kinds if k != "hf")
+    if manifest is None:
+        if "hf" in kinds and (path / "config.json").is_file():
+            return path
+        raise InputError(
+            f"{field}: {path}: no manifest.json; expected the output directory of a finished "
+            f"{wanted} stage" + (" or a Hugging Face model directory" if "hf" in kinds else "")
+        )
+    if manifest.get("status") != "complete":
+        raise InputError(f"{field}: {path}: stage is not complete (status {manifest.get('status')!r})")
+    if manifest.get("stage") not in kinds:
+        raise InputError(
+            f"{field}: {path}: is the output of a '{manifest.get('stage')}' stage; expected {wanted}"
+        )
+    return path
+
+
+def model_dir(path: Path) -> Path:
+    """The Hugging Face model inside a stage directory, or ``path`` itself if it is one."""
+    path = Path(path)
+    return path / "model" if (path / MANIFEST).exists() else path
+
+
+def input_fingerprints(cfg: StageConfig) -> dict[str, dict[str, str]]:
+    inputs = {}
+    for key, path in cfg.input_paths().items():
+        resolve_input(key, path, cfg.INPUTS[key])
+        inputs[key] = {"path": str(path), "fingerprint": fingerprint(path)}
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage state
+
+
+def stage_state(stage_dir: Path) -> str:
+    """``complete``, ``running``, ``interrupted`` or ``not started``."""
+    stage_dir = Path(stage_dir)
+    manifest = read_manifest(stage_dir)
+    if manifest and manifest.get("status") == "complete":
+        return "complete"
+    lock = stage_dir / LOCK
+    if lock.exists():
+        try:
+            info = json.loads(lock.read_text())
+            if info.get("host") == socket.gethostname():
+                os.kill(int(info["pid"]), 0)
+            return "running"
+        except (OSError, ValueError, KeyError):
+            return "interrupted"
+    return "interrupted" if (stage_dir / "config.yaml").exists() else "not started"
+
+
+def release_lock(stage_dir: Path) -> None:
+    """Drop this process's lock after a stage stopped early, so it reads as interrupted."""
+    lock = Path(stage_dir) / LOCK
+    try:
+        if json.loads(lock.read_text()).get("pid") == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def is_up_to_date(cfg: StageConfig) -> bool:
+    """True when the output directory holds a complete run of exactly this config and inputs."""
+    manifest = read_manifest(cfg.output_dir)
+    if not manifest or manifest.get("status") != "complete":
+        return False
+    if manifest.get("stage") != cfg.stage or manifest.get("config_hash") != cfg.config_hash():
+        return False
+    try:
+        return manifest.get("inputs") == input_fingerprints(cfg)
+    except InputError:
+        return False
+
+
+class StageRun:
+    """The life of one stage directory: ``start`` it, ``log`` metrics, ``finish`` it.
+
+    Starting checks every input, sets aside (renames, never deletes) an earlier run of a
+    different config or inputs, and keeps checkpoints of the same config for resuming.
+    """
+
+    def __init__(self, cfg: StageConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.output_dir)
+        self.inputs = input_fingerprints(cfg)
+        self.started_at = now()
+        self.main = is_main_process()
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    def start(self) -> "StageRun":
+        if self.main:
+            self._set_aside_stale_run()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            config = self.cfg.model_dump(mode="json")
+            header = f"# config_hash: {self.cfg.config_hash()}\n"
+            (self.dir / "config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+            (self.dir / "inputs.json").write_text(json.dumps(self.inputs, indent=2))
+            write_json_atomic(
+                self.dir / LOCK, {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
+            )
+        return self
+
+    def _set_aside_stale_run(self) -> None:
+        if not self.dir.exists() or not any(self.dir.iterdir()):
+            return
+        same_config = (self.dir / "config.yaml").exists() and (self.dir / "config.yaml").read_text(
+        ).startswith(f"# config_hash: {self.cfg.config_hash()}\n")
+        try:
+            same_inputs = json.loads((self.dir / "inputs.json").read_text()) == self.inputs
+        except (OSError, ValueError):
+            same_inputs = False
+        if same_config and same_inputs and read_manifest(self.dir) is None:
+            return  # an interrupted run of this very config: resume from its checkpoints
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.dir.with_name(f"{self.dir.name}.superseded-{stamp}")
+        for n in range(1, 1000):
+            if not aside.exists():
+                break
+            aside = self.dir.with_name(f"{self.dir.name}.superseded-{stamp}-{n}")
+        os.replace(self.dir, aside)
+        print(f"[rlhf] {self.dir}: earlier run of a different config or inputs moved to {aside}")
+
+    def log(self, step: int, **metrics: Any) -> None:
+        if self.main:
+            with open(self.dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
+
+    def finish(self, metrics: dict[str, Any], **extra: Any) -> Path:
+        """Write the manifest last; drop the checkpoints once the outputs are in place."""
+        if self.main:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            manifest = {
+                "stage": self.cfg.stage,
+                "status": "complete",
+                "config_hash": self.cfg.config_hash(),
+                "config": self.cfg.model_dump(mode="json"),
+                "inputs": self.inputs,
+                "metrics": metrics,
+                **extra,
+                "versions": package_versions(),
+                "started_at": self.started_at,
+                "ended_at": now(),
+                "fingerprint": _hash_files(self.dir, skip=_VOLATILE),
+            }
+            write_json_atomic(self.dir / MANIFEST, manifest)
+            (self.dir / LOCK).unlink(missing_ok=True)
+        return self.dir

@@ -1,0 +1,122 @@
+"""The ``rlhf`` command line. Importing this module must stay cheap: no torch, no transformers;
+every subcommand imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USER_ERROR = 2
+
+_EPILOG = """examples:
+  rlhf run recipes/quickstart.yaml                  run the whole quickstart pipeline
+  rlhf run recipes/quickstart/sft.yaml train.lr=1e-4 output_dir=runs/my_sft
+  rlhf show recipes/quickstart.yaml sft.train.epochs=2
+  rlhf status runs/quickstart
+  torchrun --nproc_per_node 2 -m rlhf run recipes/quickstart/sft.yaml
+  accelerate launch --config_file recipes/accelerate/fsdp.yaml -m rlhf run RECIPE
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf",
+        description="RLHF toolkit: the Llama 2-Chat fine-tuning method, stage by stage.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run a stage recipe or a pipeline recipe")
+    p.add_argument("recipe", type=Path, help="YAML recipe file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-5")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("show", help="print the fully resolved recipe as YAML")
+    p.add_argument("recipe", type=Path)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("status", help="show the stages under an output directory")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    v = data_sub.add_parser("validate", help="check a data file; list problems as FILE:LINE: field: message")
+    v.add_argument("file")
+    v.add_argument("--kind", required=True, choices=["sft", "preference", "prompts"])
+    v.add_argument("--format", default="auto", help="auto (from the extension), jsonl, json, csv, parquet, datasets, hh-rlhf")
+    v.set_defaults(func=_cmd_data_validate)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rlhf.pipeline import run_recipe
+    from rlhf.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = run_recipe(recipe)
+    print(f"[rlhf] done: {out}")
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from rlhf.recipe import load_recipe, to_yaml
+
+    print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from rlhf.pipeline import status_rows
+
+    rows = status_rows(args.dir)
+    if not rows:
+        print(f"{args.dir}: no stages found")
+        return 1
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['stage']:<20} {r['state']:<12} {r.get('detail', '')}".rstrip())
+    return 0
+
+
+def _cmd_data_validate(args: argparse.Namespace) -> int:
+    from rlhf.data.validate import run_validate
+
+    return run_validate(args.file, args.kind, args.format)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean a user mistake: print the message, exit 2, no traceback."""
+    from rlhf.artifacts import InputError
+    from rlhf.recipe import RecipeError
+
+    errors: list[type[BaseException]] = [RecipeError, InputError]
+    if "rlhf.data" in sys.modules:
+        errors.append(sys.modules["rlhf.data"].DataError)
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\n[rlhf] interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        raise
+
+
+def print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

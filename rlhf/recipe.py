@@ -1,0 +1,376 @@
+"""Typed recipes: YAML files validated into pydantic config models.
+
+A *stage recipe* has a top-level ``stage:`` key naming the stage (see ``rlhf.stages``) and the
+groups of that stage's config model. A *pipeline recipe* has a top-level ``stages:`` list; each
+entry names a stage recipe (``recipe:``) or holds one inline (``config:``), and wires its inputs
+to earlier stages by name (``inputs: {policy_from: sft}``).
+
+Errors are ``RecipeError`` with one line per problem: ``FILE: key.path: message``. The CLI
+prints them and exits 2. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(Exception):
+    """A user mistake in a recipe or an override; the message is ready to print."""
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups shared by the training stages
+
+
+class LoraConfig(Strict):
+    """LoRA adapters (peft). Off unless ``enabled``."""
+
+    enabled: bool = False
+    r: int = Field(8, gt=0)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge: bool = True  # save the merged model (plain HF) instead of the adapter + base
+
+
+class ModelConfig(Strict):
+    """Where the model comes from and how it is held in memory."""
+
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = LoraConfig()
+
+
+class TrainConfig(Strict):
+    """Optimizer, schedule and batching. ``batch_size`` is the global batch in examples
+    (sequences for SFT, pairs for reward models); it is split over processes and gradient
+    accumulation steps of ``micro_batch_size`` each."""
+
+    lr: float = Field(2e-5, gt=0)
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # cosine/linear decay ends at lr * this
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    min_warmup_steps: int = Field(0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # caps the optimizer steps when set
+    batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    save_every: int = Field(50, gt=0)  # checkpoint every N optimizer steps
+    keep_checkpoints: int = Field(1, gt=0)
+    log_every: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> "TrainConfig":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+
+class StageConfig(Strict):
+    """Fields every stage has. Subclasses set ``stage`` to a Literal and list their inputs.
+
+    ``INPUTS`` maps the dotted key path of each input field to the stage kinds it accepts.
+    An empty tuple means a plain file or directory (a dataset, a Hugging Face checkpoint);
+    otherwise the directory must hold a complete manifest of one of those kinds, except that
+    kinds listing ``"hf"`` also accept a plain Hugging Face checkpoint directory.
+    """
+
+    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    stage: str
+    output_dir: Path = Path("runs/stage")
+    seed: int = 0
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+
+    def input_paths(self) -> dict[str, Path]:
+        """The input fields that are set, by dotted key path."""
+        found = {}
+        for key in self.INPUTS:
+            value = get_dotted(self, key)
+            if value is not None:
+                found[key] = Path(value)
+        return found
+
+    def config_hash(self) -> str:
+        """Hash of the resolved config, without where it is written or how it is logged."""
+        data = self.model_dump(mode="json", exclude={"output_dir", "report_to"})
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines
+
+
+class PipelineStage(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+    recipe: str | None = None  # path relative to the pipeline file
+    config: dict[str, Any] | None = None  # or the stage recipe inline
+    inputs: dict[str, str] = {}  # input field -> name of an earlier stage
+    set: dict[str, Any] = {}  # overrides of the stage recipe, dotted keys allowed
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PipelineStage":
+        if (self.recipe is None) == (self.config is None):
+            raise ValueError("give exactly one of 'recipe' or 'config'")
+        return self
+
+
+class PipelineConfig(Strict):
+    pipeline: str = "pipeline"
+    output_dir: Path = Path("runs/pipeline")
+    report: bool = False  # write the progress report (rlhf report) at the end
+    stages: list[PipelineStage]
+
+
+class Pipeline(Strict):
+    """A validated pipeline: its own config and each stage's resolved config, in order."""
+
+    config: PipelineConfig
+    stages: list[tuple[str, StageConfig]]
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML loading and overrides
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise RecipeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc}") from None
+    data = parse_yaml(text, str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.lr=1e-5`` -> ("train.lr", 1e-05). The value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or not re.fullmatch(r"[A-Za-z0-9_.-]+", key):
+        raise RecipeError(f"override {text!r}: expected key.sub=value")
+    return key, parse_yaml(raw, f"override {text}") if raw else ""
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{where}: {'.'.join(parts[: i + 1])}: is not a group of keys")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+_EXPECTED = {
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "dict_type": "expected a group of keys",
+    "model_type": "expected a group of keys",
+    "model_attributes_type": "expected a group of keys",
+}
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        loc = loc or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "required key is missing"
+        elif kind in _EXPECTED:
+            msg = f"{_EXPECTED[kind]}, got {_describe(err.get('input'))}"
+        elif kind == "literal_error":
+            msg = f"expected {err['ctx']['expected']}, got {_describe(err.get('input'))}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a recipe of either kind
+
+
+def _apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(data, key, value, f"override {text}")
+    return data
+
+
+def _stage_class(data: dict[str, Any], source: str) -> type[StageConfig]:
+    from rlhf.stages import config_class, stage_names
+
+    name = data.get("stage")
+    if not isinstance(name, str) or name not in stage_names():
+        got = "nothing" if name is None else _describe(name)
+        raise RecipeError(f"{source}: stage: expected one of {', '.join(stage_names())}, got {got}")
+    return config_class(name)
+
+
+def load_stage(data: dict[str, Any], source: str) -> StageConfig:
+    return validate(_stage_class(data, source), data, source)
+
+
+def load_recipe(path: Path | str, overrides: list[str] = ()) -> StageConfig | Pipeline:
+    """Read, override and validate a stage or pipeline recipe."""
+    path = Path(path)
+    data = read_yaml(path)
+    if "stages" in data:
+        return _load_pipeline(path, data, list(overrides))
+    data = _apply_overrides(data, list(overrides))
+    where = f"{path} (with overrides)" if overrides else str(path)
+    return load_stage(data, where)
+
+
+def _load_pipeline(path: Path, data: dict[str, Any], overrides: list[str]) -> Pipeline:
+    """Overrides address the pipeline's own keys (``output_dir=...``) or a stage by name
+    (``sft.train.lr=1e-5``)."""
+    stage_names_in_file = {
+        s.get("name") for s in data.get("stages") or [] if isinstance(s, dict)
+    }
+    per_stage: dict[str, list[str]] = {}
+    for text in overrides:
+        head = text.split("=", 1)[0].split(".", 1)[0]
+        if head in stage_names_in_file and "." in text.split("=", 1)[0]:
+            per_stage.setdefault(head, []).append(text.split(".", 1)[1])
+        else:
+            _apply_overrides(data, [text])
+    cfg: PipelineConfig = validate(PipelineConfig, data, str(path))
+    stages: list[tuple[str, StageConfig]] = []
+    outputs: dict[str, tuple[str, Path]] = {}  # stage name -> (stage kind, output dir)
+    for i, entry in enumerate(cfg.stages):
+        where = f"{path}: stages[{i}] ({entry.name})"
+        if entry.name in outputs:
+            raise RecipeError(f"{where}: name: '{entry.name}' is used by an earlier stage")
+        if entry.recipe is not None:
+            sub_path = (path.parent / entry.recipe).resolve()
+            stage_data = read_yaml(sub_path)
+            source = str(Path(entry.recipe))
+        else:
+            stage_data, source = dict(entry.config or {}), str(path)
+        for key, value in entry.set.items():
+            set_dotted(stage_data, key, value, where)
+        _apply_overrides(stage_data, per_stage.pop(entry.name, []))
+        stage_data["output_dir"] = str(cfg.output_dir / entry.name)
+        source = f"{source} (stage '{entry.name}' of {path})"
+        cls = _stage_class(stage_data, source)
+        for field, upstream in entry.inputs.items():
+            _check_input(cls, field, upstream, outputs, where)
+            set_dotted(stage_data, field, str(outputs[upstream][1]), where)
+        stage_cfg = validate(cls, stage_data, source)
+        stages.append((entry.name, stage_cfg))
+        outputs[entry.name] = (stage_cfg.stage, stage_cfg.output_dir)
+    return Pipeline(config=cfg, stages=stages)
+
+
+def _check_input(
+    cls: type[StageConfig], field: str, upstream: str, outputs: dict[str, tuple[str, Path]], where: str
+) -> None:
+    stage = cls.model_fields["stage"].default
+    if field not in cls.INPUTS:
+        known = ", ".join(cls.INPUTS) or "none"
+        raise RecipeError(f"{where}: inputs.{field}: not an input of stage '{stage}' ({known})")
+    if upstream not in outputs:
+        raise RecipeError(f"{where}: inputs.{field}: '{upstream}' is not an earlier stage of this pipeline")
+    kinds, upstream_kind = cls.INPUTS[field], outputs[upstream][0]
+    if kinds and upstream_kind not in kinds:
+        wanted = " or ".join(k for k in kinds if k != "hf")
+        raise RecipeError(f"{where}: inputs.{field}: expects the output of {wanted}, got a '{upstream_kind}' stage")
+
+
+def to_yaml(obj: StageConfig | Pipeline) -> str:
+    """The fully resolved recipe as YAML (what ``rlhf show`` prints)."""
+    if isinstance(obj, Pipeline):
+        data = obj.config.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = [
+            {"name": name, "config": cfg.model_dump(mode="json")} for name, cfg in obj.stages
+        ]
+    else:
+        data = obj.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
