@@ -235,6 +235,13 @@ class StageRun:
             with open(self.dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
 
+    def truncate_metrics(self, step: int) -> None:
+        """On resume: forget what was logged after the checkpoint, it will be logged again."""
+        path = self.dir / "metrics.jsonl"
+        if self.main and path.exists():
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+
     def finish(self, metrics: dict[str, Any], **extra: Any) -> Path:
         """Write the manifest last; drop the checkpoints once the outputs are in place."""
         if self.main:
