@@ -1,0 +1,68 @@
+"""The reward of the method (METHOD.md sec. 5) as small pure functions on tensors.
+
+    R_c = R_s  if IS_SAFETY(p) or R_s < threshold  else R_h        (probability scale)
+    R   = WHITEN(LOGIT(R_c)) - beta * KL(pi || pi_0)                (per generated token)
+
+Rejection sampling ranks samples by R_c; PPO optimises R. Whitening uses the statistics of the
+current batch of rollouts (the paper does not say; batch statistics need no state to resume).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class GatedReward(NamedTuple):
+    reward: torch.Tensor  # (B,) R_c on the probability scale
+    used_safety: torch.Tensor  # (B,) bool: the safety score was chosen
+
+
+def safety_gate(
+    helpfulness: torch.Tensor, safety: torch.Tensor, is_safety: torch.Tensor, threshold: float = 0.15
+) -> GatedReward:
+    """Combine the two reward models' probabilities (sigmoid of their logits), shape (B,)."""
+    used_safety = is_safety.bool() | (safety < threshold)
+    return GatedReward(torch.where(used_safety, safety, helpfulness), used_safety)
+
+
+def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """The inverse of the sigmoid, clamped away from 0 and 1 so it stays finite."""
+    p = p.clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the entries where ``mask`` is true (all when None); with
+    ``shift_mean=False`` the mean is added back (only the scale changes)."""
+    mask = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
+    values = x[mask]
+    mean = values.mean()
+    var = values.var(unbiased=False) if values.numel() > 1 else torch.zeros_like(mean)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask, out, x)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_0) from the sampled tokens' log-probabilities, (B, T).
+    ``k1`` = log pi - log pi_0 (unbiased, can be negative); ``k3`` = (r - 1) - log r with
+    r = pi_0 / pi (unbiased, never negative, lower variance)."""
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards (B, T): -beta * KL on every generated token, plus the sequence score
+    (B,) on the last generated token (``mask`` marks generated tokens)."""
+    rewards = -beta * kl * mask
+    last = mask.long().cumsum(-1).argmax(-1)  # index of the last generated token of each row
+    rows = torch.arange(score.shape[0], device=score.device)
+    rewards[rows, last] += score
+    return rewards
