@@ -14,6 +14,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "base_model": ("rlhf.configs:BaseModelConfig", "rlhf.models:run_base_model"),
     "sft": ("sft.config:SFTConfig", "sft.stage:run"),
     "reward_model": ("reward_model.config:RewardModelConfig", "reward_model.stage:run"),
+    "rejection_sampling": ("rlhf.configs:RejectionSamplingConfig", "rlhf.rejection_sampling:run"),
+    "ppo": ("rlhf.ppo.config:PPOConfig", "rlhf.ppo.train:run"),
 }
 
 
