@@ -92,12 +92,10 @@ def _cmd_data_validate(args: argparse.Namespace) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean a user mistake: print the message, exit 2, no traceback."""
     from rlhf.artifacts import InputError
+    from rlhf.data import DataError
     from rlhf.recipe import RecipeError
 
-    errors: list[type[BaseException]] = [RecipeError, InputError]
-    if "rlhf.data" in sys.modules:
-        errors.append(sys.modules["rlhf.data"].DataError)
-    return tuple(errors)
+    return RecipeError, InputError, DataError
 
 
 def main(argv: list[str] | None = None) -> int:

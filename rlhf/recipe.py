@@ -322,22 +322,39 @@ def _load_pipeline(path: Path, data: dict[str, Any], overrides: list[str]) -> Pi
         else:
             _apply_overrides(data, [text])
     cfg: PipelineConfig = validate(PipelineConfig, data, str(path))
+    stages = resolve_stages(cfg.stages, cfg.output_dir, path, per_stage)
+    return Pipeline(config=cfg, stages=stages)
+
+
+def resolve_stages(
+    entries: list[PipelineStage],
+    output_dir: Path,
+    path: Path,
+    per_stage: dict[str, list[str]] | None = None,
+    outputs: dict[str, tuple[str, Path]] | None = None,
+    edit: Any = None,
+) -> list[tuple[str, StageConfig]]:
+    """Validate each entry's stage config, wiring ``inputs`` to earlier stages (or to the
+    named ``outputs`` given from outside: stage name -> (stage kind, directory)).
+    ``edit(name, stage_data)``, when given, may change a stage's raw data before validation."""
+    per_stage = dict(per_stage or {})
+    outputs = dict(outputs or {})
     stages: list[tuple[str, StageConfig]] = []
-    outputs: dict[str, tuple[str, Path]] = {}  # stage name -> (stage kind, output dir)
-    for i, entry in enumerate(cfg.stages):
+    for i, entry in enumerate(entries):
         where = f"{path}: stages[{i}] ({entry.name})"
         if entry.name in outputs:
             raise RecipeError(f"{where}: name: '{entry.name}' is used by an earlier stage")
         if entry.recipe is not None:
-            sub_path = (path.parent / entry.recipe).resolve()
-            stage_data = read_yaml(sub_path)
+            stage_data = read_yaml((path.parent / entry.recipe).resolve())
             source = str(Path(entry.recipe))
         else:
             stage_data, source = dict(entry.config or {}), str(path)
         for key, value in entry.set.items():
             set_dotted(stage_data, key, value, where)
         _apply_overrides(stage_data, per_stage.pop(entry.name, []))
-        stage_data["output_dir"] = str(cfg.output_dir / entry.name)
+        stage_data["output_dir"] = str(Path(output_dir) / entry.name)
+        if edit is not None:
+            edit(entry.name, stage_data)
         source = f"{source} (stage '{entry.name}' of {path})"
         cls = _stage_class(stage_data, source)
         for field, upstream in entry.inputs.items():
@@ -346,7 +363,9 @@ def _load_pipeline(path: Path, data: dict[str, Any], overrides: list[str]) -> Pi
         stage_cfg = validate(cls, stage_data, source)
         stages.append((entry.name, stage_cfg))
         outputs[entry.name] = (stage_cfg.stage, stage_cfg.output_dir)
-    return Pipeline(config=cfg, stages=stages)
+    if per_stage:
+        raise RecipeError(f"{path}: override for unknown stage(s): {', '.join(per_stage)}")
+    return stages
 
 
 def _check_input(
@@ -357,7 +376,7 @@ def _check_input(
         known = ", ".join(cls.INPUTS) or "none"
         raise RecipeError(f"{where}: inputs.{field}: not an input of stage '{stage}' ({known})")
     if upstream not in outputs:
-        raise RecipeError(f"{where}: inputs.{field}: '{upstream}' is not an earlier stage of this pipeline")
+        raise RecipeError(f"{where}: inputs.{field}: '{upstream}' is not an earlier stage")
     kinds, upstream_kind = cls.INPUTS[field], outputs[upstream][0]
     if kinds and upstream_kind not in kinds:
         wanted = " or ".join(k for k in kinds if k != "hf")
