@@ -128,8 +128,8 @@ def model_dir(path: Path) -> Path:
 
 def input_fingerprints(cfg: StageConfig) -> dict[str, dict[str, str]]:
     inputs = {}
-    for key, path in cfg.input_paths().items():
-        resolve_input(key, path, cfg.INPUTS[key])
+    for key, (path, kinds) in cfg.input_paths().items():
+        resolve_input(key, path, kinds)
         inputs[key] = {"path": str(path), "fingerprint": fingerprint(path)}
     return inputs
 

@@ -102,13 +102,16 @@ class StageConfig(Strict):
     seed: int = 0
     report_to: list[Literal["tensorboard", "wandb"]] = []
 
-    def input_paths(self) -> dict[str, Path]:
-        """The input fields that are set, by dotted key path."""
+    def input_paths(self) -> dict[str, tuple[Path, tuple[str, ...]]]:
+        """Every input that is set, by dotted key path: the ``INPUTS`` fields, and every
+        ``path`` of a nested group (data sources), as (path, accepted stage kinds)."""
         found = {}
-        for key in self.INPUTS:
+        for key, kinds in self.INPUTS.items():
             value = get_dotted(self, key)
             if value is not None:
-                found[key] = Path(value)
+                found[key] = (Path(value), kinds)
+        for key, value in _nested_paths(self, ""):
+            found.setdefault(key, (value, ()))
         return found
 
     def config_hash(self) -> str:
@@ -116,6 +119,19 @@ class StageConfig(Strict):
         data = self.model_dump(mode="json", exclude={"output_dir", "report_to"})
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _nested_paths(obj: Any, prefix: str) -> list[tuple[str, Path]]:
+    """(key path, value) of the ``path`` fields of nested groups and lists of groups."""
+    found = []
+    items = obj.__dict__.items() if isinstance(obj, BaseModel) else enumerate(obj)
+    for name, value in items:
+        key = f"{prefix}{name}"
+        if isinstance(value, (BaseModel, list, tuple)):
+            found += _nested_paths(value, key + ".")
+        elif name == "path" and prefix and isinstance(value, Path):
+            found.append((key, value))
+    return found
 
 
 def get_dotted(obj: Any, key: str) -> Any:

@@ -109,3 +109,17 @@ def test_killed_stage_is_interrupted_not_complete(tmp_path):
     proc.wait()
     assert read_manifest(out) is None
     assert stage_state(out) == "interrupted"
+
+
+def test_data_source_paths_are_inputs(tmp_path, echo_stage):
+    from rlhf.recipe import StageConfig
+    from rlhf.data import DataConfig
+
+    class WithData(echo_stage.EchoConfig):
+        data: DataConfig
+
+    src = tmp_path / "pairs.jsonl"
+    src.write_text("{}\n")
+    cfg = WithData(data={"sources": [{"path": src}, {"name": "b", "path": src}]})
+    assert cfg.input_paths() == {"data.sources.0.path": (src, ()), "data.sources.1.path": (src, ())}
+    assert isinstance(cfg, StageConfig)
