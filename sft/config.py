@@ -1,0 +1,64 @@
+"""Recipe model of the SFT stage (torch-free, so recipes validate fast).
+
+    stage: sft
+    model_from: runs/quickstart/base_model     # a base_model / sft / rejection_sampling stage or an HF dir
+    data:
+      sources: [{path: data/quickstart/sft.jsonl}]
+      max_length: 4096
+    train: {lr: 2.0e-5, epochs: 2}
+
+Defaults are the Llama 2-Chat values (Sec. 3.1): lr 2e-5 cosine, weight decay 0.1, 64
+sequences of 4096 tokens packed, 2 epochs, AdamW betas 0.9/0.95, eps 1e-5, grad clip 1.0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from rlhf.data.config import DataConfig
+from rlhf.recipe import ModelConfig, StageConfig, TrainConfig
+
+
+class SFTModelConfig(ModelConfig):
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; each keeps packed examples apart via position ids.")
+
+
+class SFTDataConfig(DataConfig):
+    """Conversations ending with an assistant turn, rendered and masked for the loss."""
+
+    max_length: int = Field(4096, gt=1, description="Tokens per training sequence (packed row).")
+    packing: bool = Field(True, description="Concatenate examples into rows of max_length, each "
+                          "example attending only to itself; off = one example per row.")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="Examples longer than max_length: cut to max_length or left out "
+        "(both counted in the manifest).")
+    loss_on: Literal["all", "last"] = Field(
+        "all", description="Train on every assistant turn, or only the last (Ghost Attention).")
+    template: Literal["llama2", "tokenizer"] = Field(
+        "llama2", description="Chat format: Llama 2's [INST] format, or the tokenizer's template.")
+
+
+class SFTTrainConfig(TrainConfig):
+    lr: float = Field(2e-5, gt=0)
+    epochs: float = Field(2.0, gt=0)
+    batch_size: int = Field(64, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    eps: float = Field(1e-5, gt=0)
+
+
+class SFTConfig(StageConfig):
+    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model_from": ("base_model", "sft", "rejection_sampling", "hf"),
+    }
+
+    stage: Literal["sft"] = "sft"
+    output_dir: Path = Path("runs/sft")
+    model_from: Path
+    model: SFTModelConfig = SFTModelConfig()
+    data: SFTDataConfig
+    train: SFTTrainConfig = SFTTrainConfig()
