@@ -50,7 +50,56 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--kind", required=True, choices=["sft", "preference", "prompts"])
     v.add_argument("--format", default="auto", help="auto (from the extension), jsonl, json, csv, parquet, datasets, hh-rlhf")
     v.set_defaults(func=_cmd_data_validate)
+
+    p = sub.add_parser("report", help="write the progress report of a pipeline or rounds directory")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("round", help="weekly rounds: add a preference batch, run the next round, status")
+    round_sub = p.add_subparsers(dest="round_command", metavar="ROUND_COMMAND", required=True)
+    r = round_sub.add_parser("add-batch", help="validate a new preference batch and store an immutable copy")
+    r.add_argument("run", type=Path, help="the run directory")
+    r.add_argument("--helpfulness", type=Path, help="helpfulness preference pairs")
+    r.add_argument("--safety", type=Path, help="safety preference pairs")
+    r.add_argument("--format", default="auto")
+    r.set_defaults(func=_cmd_round_add_batch)
+    r = round_sub.add_parser("run", help="run the next round (or finish an interrupted one)")
+    r.add_argument("run", type=Path)
+    r.add_argument("--recipe", type=Path, help="round recipe (required the first time; stored in the run)")
+    r.set_defaults(func=_cmd_round_run)
+    r = round_sub.add_parser("status", help="batches, rounds, stages and headline metrics")
+    r.add_argument("run", type=Path)
+    r.set_defaults(func=_cmd_round_status)
     return parser
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from rlhf.report import write_report
+
+    write_report(args.dir)
+    return 0
+
+
+def _cmd_round_add_batch(args: argparse.Namespace) -> int:
+    from rlhf.rounds import add_batch
+
+    files = {"helpfulness": args.helpfulness, "safety": args.safety}
+    print(f"[rlhf] stored batch {add_batch(args.run, files, args.format)}")
+    return 0
+
+
+def _cmd_round_run(args: argparse.Namespace) -> int:
+    from rlhf.rounds import run_round
+
+    print(f"[rlhf] round done: {run_round(args.run, args.recipe)}")
+    return 0
+
+
+def _cmd_round_status(args: argparse.Namespace) -> int:
+    from rlhf.rounds import round_status
+
+    print(round_status(args.run))
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

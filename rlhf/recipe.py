@@ -107,6 +107,10 @@ class StageConfig(Strict):
         ``path`` of a nested group (data sources), as (path, accepted stage kinds)."""
         found = {}
         for key, kinds in self.INPUTS.items():
+            if key.endswith(".*"):  # a group of named inputs, e.g. policies.*
+                group = get_dotted(self, key[:-2]) or {}
+                found.update({f"{key[:-2]}.{name}": (Path(v), kinds) for name, v in group.items()})
+                continue
             value = get_dotted(self, key)
             if value is not None:
                 found[key] = (Path(value), kinds)
@@ -359,7 +363,7 @@ def resolve_stages(
     for i, entry in enumerate(entries):
         where = f"{path}: stages[{i}] ({entry.name})"
         if entry.name in outputs:
-            raise RecipeError(f"{where}: name: '{entry.name}' is used by an earlier stage")
+            raise RecipeError(f"{where}: name: '{entry.name}' is taken by an earlier stage or a round input")
         if entry.recipe is not None:
             stage_data = read_yaml((path.parent / entry.recipe).resolve())
             source = str(Path(entry.recipe))
@@ -388,12 +392,13 @@ def _check_input(
     cls: type[StageConfig], field: str, upstream: str, outputs: dict[str, tuple[str, Path]], where: str
 ) -> None:
     stage = cls.model_fields["stage"].default
-    if field not in cls.INPUTS:
+    pattern = field if field in cls.INPUTS else field.rsplit(".", 1)[0] + ".*"
+    if pattern not in cls.INPUTS:
         known = ", ".join(cls.INPUTS) or "none"
         raise RecipeError(f"{where}: inputs.{field}: not an input of stage '{stage}' ({known})")
     if upstream not in outputs:
         raise RecipeError(f"{where}: inputs.{field}: '{upstream}' is not an earlier stage")
-    kinds, upstream_kind = cls.INPUTS[field], outputs[upstream][0]
+    kinds, upstream_kind = cls.INPUTS[pattern], outputs[upstream][0]
     if kinds and upstream_kind not in kinds:
         wanted = " or ".join(k for k in kinds if k != "hf")
         raise RecipeError(f"{where}: inputs.{field}: expects the output of {wanted}, got a '{upstream_kind}' stage")

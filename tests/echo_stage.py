@@ -3,11 +3,13 @@ output) into ``out.txt``, optionally failing or sleeping half way, and counts it
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import ClassVar, Literal
 
 from rlhf.artifacts import StageRun
+from rlhf.data import DataConfig
 from rlhf.recipe import StageConfig, TrainConfig
 
 RUNS: list[str] = []
@@ -23,6 +25,7 @@ class EchoConfig(StageConfig):
     fail_half_way: bool = False
     sleep: float = 0.0
     train: TrainConfig = TrainConfig()
+    data: DataConfig | None = None
 
 
 def run(cfg: EchoConfig) -> Path:
@@ -33,10 +36,12 @@ def run(cfg: EchoConfig) -> Path:
         text += ":" + cfg.source.read_text()
     if cfg.upstream is not None:
         text += "+" + (cfg.upstream / "out.txt").read_text()
+    if cfg.data is not None:
+        text += "[" + ",".join(s.name for s in cfg.data.sources) + "]"
     (run.dir / "out.txt").write_text(text)
     run.log(1, loss=1.0)
     time.sleep(cfg.sleep)
-    if cfg.fail_half_way:
+    if cfg.fail_half_way or os.environ.get("ECHO_FAIL_AT") == cfg.output_dir.name:
         raise RuntimeError("stage failed half way")
     return run.finish({"length": len(text)})
 

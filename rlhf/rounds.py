@@ -1,0 +1,249 @@
+"""Weekly rounds: each new preference batch retrains the reward models on all batches so far,
+then rejection sampling (with the best-so-far pool) and optionally PPO improve the policy.
+
+A run directory::
+
+    RUN/round.yaml                   the round recipe (copied in by the first `round run --recipe`)
+    RUN/batches/001/                 immutable copies of a batch's files + batch.json (hashes)
+    RUN/rounds/001/                  one round: a pipeline directory (its stages) + round.json
+    RUN/report/                      the progress report over all rounds
+
+A round is a pipeline whose stages may also name, in ``inputs``, the outside names
+``initial_policy`` (the recipe's starting policy), ``policy`` (the previous round's policy, or the
+initial one) and ``pool`` (the previous round's pool stage; left unset in round 1). The stages
+listed under ``batches`` get every stored batch of that kind appended to ``data.sources``; a
+mixture part that lists the source ``batches`` takes them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+
+from rlhf.artifacts import is_main_process, now, read_manifest, write_json_atomic
+from rlhf.recipe import (
+    PipelineStage, RecipeError, StageConfig, Strict, read_yaml, resolve_stages, set_dotted, validate,
+)
+
+BatchKind = Literal["helpfulness", "safety"]
+ROUND_RECIPE = "round.yaml"
+
+
+class RoundConfig(Strict):
+    """A round recipe (see the module docstring)."""
+
+    initial_policy: Path = Field(description="Stage directory (or HF model dir) round 1 starts from")
+    stages: list[PipelineStage]
+    batches: dict[str, BatchKind] = Field({}, description="stage name -> batch kind it trains on")
+    policy: str = Field(description="The stage whose output is the round's policy")
+    pool: str | None = Field(None, description="The stage whose output is the next round's pool")
+    batch_format: str = Field("auto", description="Data format of the batch files")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def list_batches(run: Path) -> list[dict[str, Any]]:
+    batches = []
+    for path in sorted((Path(run) / "batches").glob("[0-9][0-9][0-9]")):
+        info = json.loads((path / "batch.json").read_text())
+        batches.append({"id": path.name, "dir": path, **info})
+    return batches
+
+
+def add_batch(run: Path, files: dict[str, Path], format: str = "auto") -> Path:
+    """Validate a weekly batch and store an immutable copy. Nothing in ``run`` changes unless
+    every file is valid. Returns the batch directory."""
+    from rlhf.data.load import read_records
+
+    run = Path(run)
+    files = {kind: Path(path) for kind, path in files.items() if path is not None}
+    if not files:
+        raise RecipeError("give --helpfulness FILE and/or --safety FILE")
+    counts = {kind: len(read_records(path, "preference", format)) for kind, path in files.items()}
+    hashes = {kind: _sha256(path) for kind, path in files.items()}
+    for batch in list_batches(run):
+        if {k: v["sha256"] for k, v in batch["files"].items()} == hashes:
+            raise RecipeError(f"{run}: this batch was already added as batch {batch['id']}")
+    batches_dir = run / "batches"
+    batches_dir.mkdir(parents=True, exist_ok=True)
+    number = len(list_batches(run)) + 1
+    tmp = batches_dir / f".incoming-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    info = {"added_at": now(), "format": format, "files": {}}
+    for kind, path in files.items():
+        target = tmp / f"{kind}{''.join(path.suffixes)}"
+        shutil.copyfile(path, target)
+        target.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+        info["files"][kind] = {"file": target.name, "source": str(path), "sha256": hashes[kind], "pairs": counts[kind]}
+    (tmp / "batch.json").write_text(json.dumps(info, indent=2))
+    final = batches_dir / f"{number:03d}"
+    os.replace(tmp, final)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounds
+
+
+def load_round_recipe(run: Path, recipe: Path | None) -> tuple[RoundConfig, Path]:
+    """The run's round recipe; a given ``recipe`` is copied in first (the stored one is kept
+    as ``round.yaml.<time>`` when it differs)."""
+    stored = Path(run) / ROUND_RECIPE
+    if recipe is not None:
+        text = Path(recipe).read_text() if Path(recipe).exists() else None
+        if text is None:
+            raise RecipeError(f"{recipe}: recipe file not found")
+        validate(RoundConfig, read_yaml(Path(recipe)), str(recipe))
+        if stored.exists() and stored.read_text() != text:
+            os.replace(stored, stored.with_name(f"{ROUND_RECIPE}.{now().replace(':', '')}"))
+        Path(run).mkdir(parents=True, exist_ok=True)
+        stored.write_text(f"# recipes_dir: {Path(recipe).resolve().parent}\n" + text)
+    if not stored.exists():
+        raise RecipeError(f"{run}: no round recipe yet; pass --recipe FILE the first time")
+    return validate(RoundConfig, read_yaml(stored), str(stored)), _recipes_dir(stored)
+
+
+def _recipes_dir(stored: Path) -> Path:
+    """Stage recipes named in a round recipe are relative to where the recipe came from."""
+    first = stored.read_text().splitlines()[0]
+    return Path(first.removeprefix("# recipes_dir: ")) if first.startswith("# recipes_dir: ") else stored.parent
+
+
+def list_rounds(run: Path) -> list[dict[str, Any]]:
+    rounds = []
+    for path in sorted((Path(run) / "rounds").glob("[0-9][0-9][0-9]")):
+        info = json.loads((path / "round.json").read_text())
+        rounds.append({"id": path.name, "dir": path, **info})
+    return rounds
+
+
+def _outside_names(run: Path, cfg: RoundConfig, previous: dict | None) -> dict[str, tuple[str, Path]]:
+    initial = Path(cfg.initial_policy)
+    kind = (read_manifest(initial) or {}).get("stage", "hf")
+    names = {"initial_policy": (kind, initial), "policy": (kind, initial)}
+    if previous is not None:
+        prev_dir = Path(previous["dir"])
+        for name, stage_name in (("policy", cfg.policy), ("pool", cfg.pool)):
+            if stage_name:
+                manifest = read_manifest(prev_dir / stage_name) or {}
+                names[name] = (manifest.get("stage", "?"), prev_dir / stage_name)
+    return names
+
+
+def _add_batch_sources(stage_data: dict[str, Any], batches: list[dict], kind: str) -> None:
+    names = []
+    sources = stage_data.setdefault("data", {}).setdefault("sources", [])
+    for batch in batches:
+        if kind in batch["files"]:
+            name = f"batch_{batch['id']}_{kind}"
+            path = Path(batch["dir"]) / batch["files"][kind]["file"]
+            sources.append({"name": name, "path": str(path), "batch": batch["id"], "format": batch["format"]})
+            names.append(name)
+    for part in stage_data["data"].get("mixture") or []:
+        if "batches" in part.get("sources", []):
+            i = part["sources"].index("batches")
+            part["sources"][i : i + 1] = names
+
+
+@dataclass
+class RoundPlan:
+    dir: Path
+    batches: list[str]  # the batch ids this round trains on (fixed when the round starts)
+    stages: list[tuple[str, StageConfig]]
+    cfg: RoundConfig
+
+
+def plan_round(run: Path, recipe: Path | None = None) -> RoundPlan:
+    """The round to run next (an unfinished one, or a new one when a new batch arrived) and
+    its resolved stages."""
+    run = Path(run)
+    cfg, recipes_dir = load_round_recipe(run, recipe)
+    rounds, batches = list_rounds(run), list_batches(run)
+    if rounds and rounds[-1].get("status") != "complete":
+        current, previous = rounds[-1], (rounds[-2] if len(rounds) > 1 else None)
+    else:
+        used = set(rounds[-1]["batches"]) if rounds else set()
+        if not [b for b in batches if b["id"] not in used]:
+            hint = f"rlhf round add-batch {run} --helpfulness FILE --safety FILE"
+            raise RecipeError(f"{run}: no new preference batch since the last round; add one with `{hint}`")
+        number = len(rounds) + 1
+        current = {"dir": run / "rounds" / f"{number:03d}", "batches": [b["id"] for b in batches]}
+        previous = rounds[-1] if rounds else None
+    round_batches = [b for b in batches if b["id"] in current["batches"]]
+
+    def edit(name: str, stage_data: dict[str, Any]) -> None:
+        if name in cfg.batches:
+            _add_batch_sources(stage_data, round_batches, cfg.batches[name])
+
+    outside = _outside_names(run, cfg, previous)
+    # round 1 has no pool yet: a stage that takes the previous pool starts without one
+    entries = [
+        e.model_copy(update={"inputs": {k: v for k, v in e.inputs.items() if v != "pool" or "pool" in outside}})
+        for e in cfg.stages
+    ]
+    stages = resolve_stages(entries, Path(current["dir"]), recipes_dir / ROUND_RECIPE, outputs=outside, edit=edit)
+    return RoundPlan(Path(current["dir"]), current["batches"], stages, cfg)
+
+
+def run_round(run: Path, recipe: Path | None = None) -> Path:
+    """Run (or finish) the next round; completed stages are skipped, a partial one resumes."""
+    from rlhf.pipeline import PIPELINE_FILE, run_stage
+
+    plan = plan_round(run, recipe)
+    info_path = plan.dir / "round.json"
+    if is_main_process():
+        plan.dir.mkdir(parents=True, exist_ok=True)
+        if not info_path.exists():
+            write_json_atomic(info_path, {"batches": plan.batches, "status": "running", "started_at": now()})
+        stages = [{"name": name, "stage": c.stage} for name, c in plan.stages]
+        (plan.dir / PIPELINE_FILE).write_text(yaml.safe_dump({"pipeline": f"round {plan.dir.name}", "stages": stages}))
+    for name, stage_cfg in plan.stages:
+        run_stage(stage_cfg, f"round {plan.dir.name} / {name}")
+    if is_main_process():
+        info = json.loads(info_path.read_text())
+        write_json_atomic(info_path, {**info, "status": "complete", "ended_at": now(), "policy": plan.cfg.policy})
+        from rlhf.report import write_report
+
+        write_report(Path(run))
+    return plan.dir
+
+
+def round_status(run: Path) -> str:
+    """Batches, rounds with their stages' states, and headline metrics, as text."""
+    from rlhf.pipeline import status_rows
+    from rlhf.report import round_summary
+
+    run = Path(run)
+    lines = [f"run {run}", "batches:"]
+    for b in list_batches(run):
+        files = ", ".join(f"{kind} {f['pairs']} pairs" for kind, f in b["files"].items())
+        lines.append(f"  {b['id']}  added {b['added_at']}  {files}")
+    for r in list_rounds(run):
+        lines.append(f"round {r['id']}: {r.get('status')}  (batches {', '.join(r['batches'])})")
+        for row in status_rows(Path(r["dir"])):
+            lines.append(f"  {row['name']:<22} {row['stage']:<20} {row['state']:<12} {row.get('detail', '')}".rstrip())
+        summary = round_summary(r["id"], Path(r["dir"]), r["batches"])
+        for name, rm in summary["reward_models"].items():
+            lines.append(f"  {name}: accuracy {rm['accuracy']:.3f}")
+        for name, p in summary["policies"].items():
+            gold = p.get("gold") or {}
+            extra = "".join(f", gold {k} {v:.3f}" for k, v in gold.items() if isinstance(v, float))
+            lines.append(f"  policy {name}: R_c {p.get('combined_reward', float('nan')):.3f}{extra}")
+    return "\n".join(lines)
