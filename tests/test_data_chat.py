@@ -52,7 +52,7 @@ def test_prompt_is_prefix_and_ends_after_inst(word_tokenizer):
 
 
 def test_roles_must_alternate(word_tokenizer):
-    with pytest.raises(ValueError, match="expected a assistant turn"):
+    with pytest.raises(ValueError, match="expected an assistant turn"):
         render([Message("user", "Hi"), Message("user", "there")], word_tokenizer)
 
 

@@ -6,6 +6,9 @@ functions that need them.
 
 from rlhf.data.chat import Rendered, render, render_prompt
 from rlhf.data.config import DataConfig, MixturePart, SourceConfig
+from rlhf.data.formats import parse_transcript
+from rlhf.data.load import Loaded, LoadedData, load_data, load_source, read_records
+from rlhf.data.mixing import mix
 from rlhf.data.records import (
     RATINGS,
     DataError,
@@ -19,9 +22,12 @@ from rlhf.data.records import (
     to_dict,
     write_jsonl,
 )
+from rlhf.data.validate import run_validate, summarize
 
 __all__ = [
-    "RATINGS", "DataConfig", "DataError", "Message", "MixturePart", "PreferencePair", "Problem",
-    "Prompt", "Rendered", "SFTExample", "SourceConfig", "canonical_rating", "render",
-    "render_prompt", "safety_category", "to_dict", "write_jsonl",
+    "RATINGS", "DataConfig", "DataError", "Loaded", "LoadedData", "Message", "MixturePart",
+    "PreferencePair", "Problem", "Prompt", "Rendered", "SFTExample", "SourceConfig",
+    "canonical_rating", "load_data", "load_source", "mix", "parse_transcript", "read_records",
+    "render", "render_prompt", "run_validate", "safety_category", "summarize", "to_dict",
+    "write_jsonl",
 ]

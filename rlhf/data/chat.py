@@ -81,10 +81,10 @@ def _turns(messages: list[Message]) -> list[tuple[str, str | None]]:
     if messages and messages[0].role == "system":
         system, messages = messages[0].content.strip(), messages[1:]
     for i, m in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if m.role != expected:
+        expected = "a user" if i % 2 == 0 else "an assistant"
+        if m.role != expected.split()[1]:
             raise ValueError(
-                f"message {i + (system is not None)}: expected a {expected} turn, got {m.role!r} "
+                f"message {i + (system is not None)}: expected {expected} turn, got {m.role!r} "
                 "(roles must go: optional system, then user and assistant alternating)"
             )
     if not messages:
