@@ -67,7 +67,7 @@ def test_csv_rows_count_the_header_as_line_1(tmp_path):
     assert problems == [
         f"{path}:3: rejected: identical to chosen",
         f"{path}:4: chosen: missing",
-        f"{path}:4: rating: unknown rating label 9 (known: 1, significantly_better, better, "
+        f"{path}:4: rating: unknown rating label '9' (known: 1, significantly_better, better, "
         "slightly_better, negligibly_better, unsure; map other labels with `ratings:` in the "
         "source config)",
     ]

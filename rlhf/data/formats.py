@@ -9,6 +9,7 @@ on use), whose columns carry one type each. Also here: splitting HH-RLHF transcr
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import re
@@ -123,10 +124,10 @@ def _quiet_datasets():
             datasets.enable_progress_bars()
 
 
-def _load_with_datasets(builder: str, path: Path):
+def _load_with_datasets(builder: str, path: Path, **options: Any):
     with _quiet_datasets() as datasets:
         try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
         except Exception as exc:  # the libraries raise many types for a malformed file
             raise DataError([Problem(str(path), None, builder, f"cannot read: {_root(exc)}")]) from None
 
@@ -138,12 +139,20 @@ def _root(exc: BaseException) -> str:
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
+    """Every cell is read as text (an answer "5" stays a string; labels and numbers are
+    converted by the row checks); only empty cells are missing."""
+    import datasets
+
     with _open_bytes(path) as f:
-        bad = [p for n, raw in enumerate(f, 1) if isinstance(p := _decode(raw, str(path), n), Problem)]
+        lines = list(f)
+    bad = [p for n, raw in enumerate(lines, 1) if isinstance(p := _decode(raw, str(path), n), Problem)]
     if bad:
         raise DataError(bad)
+    header = next(csv.reader([lines[0].decode("utf-8-sig")])) if lines else []
+    features = datasets.Features({name: datasets.Value("string") for name in header})
+    ds = _load_with_datasets("csv", path, features=features, keep_default_na=False, na_values=[""])
     # Row numbers count the header as line 1 (lines differ only where a quoted cell spans lines).
-    return ((i + 2, row) for i, row in enumerate(_load_with_datasets("csv", path)))
+    return ((i + 2, row) for i, row in enumerate(ds))
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:

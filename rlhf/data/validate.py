@@ -236,6 +236,11 @@ def _margin(r: _Row) -> float | None:
     value = r.get("margin")
     if value is None:
         return None
+    if isinstance(value, str):  # a CSV cell
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         r.wrong_type(r.column("margin"), "a finite number", value)
         return None
