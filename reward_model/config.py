@@ -1,0 +1,106 @@
+"""Recipe model of the reward-model stage (torch-free, so recipes validate fast).
+
+    stage: reward_model
+    model_from: runs/quickstart/sft          # a base_model / sft / rejection_sampling stage or an HF dir
+    data:
+      sources:
+        - {name: helpful, path: data/quickstart/helpful.jsonl}
+        - {name: safety, path: data/quickstart/safety.jsonl}
+      mixture:                                # Llama 2's helpfulness RM (Sec. 3.2.2)
+        - {name: main, sources: [helpful]}
+        - {name: rest, sources: [safety], equal_to: main}
+      eval_fraction: 0.1                      # held out of every source before mixing
+    loss: {margin: small}
+
+Defaults are the Llama 2-Chat values (Sec. 3.2.2): 1 epoch, max lr 1e-5 with cosine decay to
+10% of it, warmup 3% of the steps (at least 5), 512 pairs per batch, the pretraining optimizer
+(AdamW betas 0.9/0.95, eps 1e-5, weight decay 0.1, grad clip 1.0), the ``small`` margin table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from rlhf.data.config import DataConfig, RatingLabel, SourceConfig
+from rlhf.data.records import RATING_ALIASES, RATINGS
+from rlhf.recipe import ModelConfig, StageConfig, Strict, TrainConfig
+
+
+class RMModelConfig(ModelConfig):
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; each keeps packed sequences apart via position ids "
+        "(flash_attention_2 skips the masked-out blocks, the others compute and mask them).")
+
+
+class RMDataConfig(DataConfig):
+    """Preference pairs, mixed as ``mixture`` says; each pair is rendered as prompt + response
+    twice (chosen, rejected), and the reward is read at the last token of each."""
+
+    max_length: int = Field(4096, gt=1, description="Tokens per scored sequence (prompt + response).")
+    overlong: Literal["truncate_left", "drop"] = Field(
+        "truncate_left", description="Sequences longer than max_length: keep their last max_length "
+        "tokens (the reward is read at the end), or leave the pair out (both counted).")
+    template: Literal["llama2", "tokenizer"] = Field(
+        "llama2", description="Chat format: Llama 2's [INST] format, or the tokenizer's template.")
+    eval_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Share of every source held out for evaluation before "
+        "mixing (so the eval pairs of each source are reported apart, like Table 8).")
+    eval_sources: list[SourceConfig] = Field(
+        [], description="Test files evaluated after training, each reported apart.")
+
+
+class RMLossConfig(Strict):
+    margin: Literal["none", "small", "large"] | dict[RatingLabel, float] = Field(
+        "small", description="Margin table m(rating) of the loss -log sigmoid(r_chosen - "
+        "r_rejected - m): none, small (1, 2/3, 1/3, 0), large (3, 2, 1, 0), or a table giving "
+        "every rating. Pairs without a rating get margin 0.")
+    margin_column: bool = Field(
+        True, description="Use a pair's own numeric `margin` where the data has one.")
+
+    @field_validator("margin")
+    @classmethod
+    def _every_rating(cls, margin):
+        if isinstance(margin, dict):
+            given = {RATING_ALIASES.get(k, k) for k in margin}
+            missing = [r for r in RATINGS if r not in given]
+            if missing:
+                raise ValueError(f"custom margin table misses {', '.join(missing)}")
+        return margin
+
+
+class RMTrainConfig(TrainConfig):
+    lr: float = Field(1e-5, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    min_warmup_steps: int = Field(5, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(512, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    eps: float = Field(1e-5, gt=0)
+
+
+class RMEvalConfig(Strict):
+    unsafe_threshold: float = Field(
+        0.15, gt=0.0, lt=1.0, description="A response scoring sigmoid(r) below this counts as "
+        "flagged unsafe (the PPO safety gate's 0.15); recall and precision are reported.")
+    calibration_bins: int = Field(10, gt=1)
+    batch_tokens: int = Field(8192, gt=0, description="Tokens per scoring forward (packed row).")
+
+
+class RewardModelConfig(StageConfig):
+    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "model_from": ("base_model", "sft", "rejection_sampling", "hf"),
+    }
+
+    stage: Literal["reward_model"] = "reward_model"
+    output_dir: Path = Path("runs/reward_model")
+    model_from: Path
+    model: RMModelConfig = RMModelConfig()
+    data: RMDataConfig
+    loss: RMLossConfig = RMLossConfig()
+    train: RMTrainConfig = RMTrainConfig()
+    eval: RMEvalConfig = RMEvalConfig()
