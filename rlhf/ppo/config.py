@@ -1,0 +1,144 @@
+"""Recipe model of the PPO stage (torch-free, so recipes validate fast).
+
+    stage: ppo
+    policy_from: runs/quickstart/rejection_sampling   # or sft / ppo / a Hugging Face dir
+    helpfulness_rm_from: runs/quickstart/rm_helpfulness
+    safety_rm_from: runs/quickstart/rm_safety
+    data:
+      sources: [{path: data/quickstart/prompts.jsonl}]
+    ppo: {iterations: 200, prompts_per_iteration: 512, beta: 0.01}
+
+The reward of each rollout (Llama 2, Sec. 3.2.3; Stiennon et al. 2020 for what the paper leaves
+open):
+
+    R_c = R_s if IS_SAFETY(prompt) or R_s < gate_threshold else R_h   (probability scale)
+    R_t = -beta * KL_t(pi || pi_0)       on every generated token t
+        + WHITEN(LOGIT(R_c))             added on the last generated token
+
+WHITEN uses the mean and standard deviation of the current iteration's rollouts, over all
+processes (batch statistics, as in ``rlhf.rewards``: no running state, so a resumed run
+whitens exactly as an uninterrupted one). Advantages from GAE(gamma, lambda) are whitened the
+same way. pi_0 is the policy before PPO; with a LoRA policy it is the same base model with the
+adapter switched off (no second copy in memory).
+
+Defaults are the paper's where it gives them (AdamW b1 0.9, b2 0.95, eps 1e-5, weight decay
+0.1, grad clip 1.0, constant lr 1e-6, 512 prompts per iteration, mini-batch 64, one PPO epoch,
+clip 0.2, beta 0.01 for 7B/13B (0.005 for 34B/70B)) and common practice otherwise (gamma 1.0,
+lambda 0.95, value clip 0.2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from rlhf.data.config import DataConfig
+from rlhf.recipe import ModelConfig, StageConfig, Strict, TrainConfig
+
+
+class PPOTrainConfig(TrainConfig):
+    """Optimizers and mini-batching. ``batch_size`` is the PPO mini-batch (rollouts per
+    optimizer step, over all processes), cut into ``micro_batch_size`` rollouts per forward;
+    ``epochs`` is the number of PPO epochs (passes over each iteration's rollouts);
+    ``save_every`` counts iterations. The critic uses the same settings, except ``critic.lr``."""
+
+    lr: float = Field(1e-6, gt=0)
+    schedule: Literal["cosine", "constant", "linear"] = "constant"
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    eps: float = Field(1e-5, gt=0)
+    save_every: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _ppo_units(self) -> "PPOTrainConfig":
+        if self.max_steps is not None:
+            raise ValueError("max_steps: PPO runs ppo.iterations iterations; leave max_steps unset")
+        if self.epochs != int(self.epochs):
+            raise ValueError(f"epochs: PPO epochs must be a whole number, got {self.epochs}")
+        return self
+
+
+class CriticConfig(ModelConfig):
+    """The value model: a reward model (backbone + scalar head) read at every token."""
+
+    lr: float | None = Field(None, gt=0, description="Critic learning rate (default: train.lr).")
+
+
+class GenerationConfig(Strict):
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(64, gt=0, description="Prompts per generation call on each process.")
+
+
+class PPODataConfig(DataConfig):
+    """Prompts (conversations ending with a user turn, tagged ``is_safety``)."""
+
+    max_prompt_length: int = Field(512, gt=0, description="Longer prompts are left out (counted).")
+    template: Literal["llama2", "tokenizer"] = "llama2"
+
+
+class PPOSettings(Strict):
+    iterations: int = Field(200, gt=0, description="The paper ran 200-400, early-stopped.")
+    prompts_per_iteration: int = Field(512, gt=0)
+    beta: float = Field(0.01, ge=0, description="KL penalty: 0.01 (7B/13B), 0.005 (34B/70B).")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    gate_threshold: float = Field(0.15, gt=0, lt=1, description="Safety gate on R_s (probability).")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus (entropy is logged either way).")
+    whiten_advantages: bool = True
+    max_kl: float | None = Field(
+        None, gt=0, description="Stop when the mean KL per response (nats, summed over its tokens) "
+        "exceeds this; the last good checkpoint is kept.")
+    offload_reward_models: bool = Field(
+        False, description="Keep the reward models on the CPU outside the scoring phase.")
+    score_batch_size: int = Field(32, gt=0)
+
+
+class EarlyStopConfig(Strict):
+    """Evaluate the gated reward R_c on held-out prompts every ``every`` iterations; stop after
+    ``patience`` evaluations without improvement and keep the best policy."""
+
+    data: DataConfig | None = None
+    every: int = Field(10, gt=0)
+    patience: int | None = Field(None, gt=0)
+    max_prompts: int = Field(256, gt=0)
+
+
+class PPOConfig(StageConfig):
+    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "policy_from": ("sft", "rejection_sampling", "ppo", "hf"),
+        "helpfulness_rm_from": ("reward_model",),
+        "safety_rm_from": ("reward_model",),
+        "critic_from": ("reward_model",),
+    }
+
+    stage: Literal["ppo"] = "ppo"
+    output_dir: Path = Path("runs/ppo")
+    policy_from: Path
+    helpfulness_rm_from: Path
+    safety_rm_from: Path
+    critic_from: Path | None = Field(None, description="Default: the helpfulness reward model.")
+    policy: ModelConfig = ModelConfig()
+    critic: CriticConfig = CriticConfig()
+    data: PPODataConfig
+    generation: GenerationConfig = GenerationConfig()
+    ppo: PPOSettings = PPOSettings()
+    train: PPOTrainConfig = PPOTrainConfig()
+    early_stop: EarlyStopConfig = EarlyStopConfig()
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> "PPOConfig":
+        if self.ppo.prompts_per_iteration % self.train.batch_size:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must divide ppo.prompts_per_iteration "
+                f"({self.ppo.prompts_per_iteration})"
+            )
+        return self
