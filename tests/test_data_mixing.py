@@ -41,20 +41,20 @@ def _by_source(records):
 
 
 def test_helpfulness_rm_mixture_all_helpful_plus_an_equal_amount_of_the_rest():
-    records, parts = mix(POOLS, _parts(HELPFULNESS_RM), seed=0)
+    records, parts, counts = mix(POOLS, _parts(HELPFULNESS_RM), seed=0)
     assert parts == {"helpful": 100, "rest": 100}
-    counts = _by_source(records)
+    assert counts == _by_source(records)
     assert counts["helpful"] == 100 and counts["safety"] + counts["hh_harmless"] + counts["oss"] == 100
     # The 100 "rest" rows are drawn uniformly from the pooled 130, so every source contributes.
     assert min(counts["safety"], counts["hh_harmless"], counts["oss"]) > 0
 
 
 def test_safety_rm_mixture_90_10():
-    records, parts = mix(POOLS, _parts(SAFETY_RM), seed=0)
+    records, parts, counts = mix(POOLS, _parts(SAFETY_RM), seed=0)
     # The safety part is the scarce one: all its 100 rows are 90%, so the total is 100 / 0.9
     # = 111.1 and the helpful part takes round(11.1) = 11.
     assert parts == {"safety": 100, "helpful": 11}
-    counts = _by_source(records)
+    assert counts == _by_source(records)
     assert counts["safety"] == 60 and counts["hh_harmless"] == 40
     assert counts["helpful"] + counts["oss"] == 11
 
@@ -62,7 +62,7 @@ def test_safety_rm_mixture_90_10():
 def test_counts_and_draws_are_deterministic_for_a_seed():
     parts = [MixturePart(sources=["helpful"], take=10), MixturePart(sources=["safety"], take=0.5),
              MixturePart(sources=["hh_harmless", "oss"])]
-    a, counts = mix(POOLS, parts, seed=3)
+    a, counts, _ = mix(POOLS, parts, seed=3)
     assert counts == {"helpful": 10, "safety": 30, "hh_harmless+oss": 70}
     assert a == mix(POOLS, parts, seed=3)[0]
     assert a != mix(POOLS, parts, seed=4)[0]
@@ -97,6 +97,7 @@ def test_mixture_config_errors_name_the_key(mixture, message):
 def test_load_data_reports_counts_per_source_and_part(tmp_path):
     for name, n in (("helpful", 8), ("safety", 3), ("harmless", 5)):
         rows = [{"prompt": f"{name} {i}", "chosen": "a", "rejected": "b"} for i in range(n)]
+        rows[0]["source"] = "annotator_x"  # a row's own source label; counts go by source name
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = DataConfig(
         sources=[{"path": str(tmp_path / f"{n}.jsonl")} for n in ("helpful", "safety", "harmless")],

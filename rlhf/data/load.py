@@ -74,10 +74,7 @@ def load_data(cfg: DataConfig, kind: str, seed: int) -> LoadedData:
     problems = [p for one in loaded.values() for p in one.problems]
     if problems and cfg.on_error == "fail":
         raise DataError(problems)
-    records, parts = mix({name: one.records for name, one in loaded.items()}, cfg.mixture, seed)
-    used = {name: 0 for name in loaded}
-    for record in records:
-        used[record.source] = used.get(record.source, 0) + 1
+    records, parts, used = mix({name: one.records for name, one in loaded.items()}, cfg.mixture, seed)
     sources = {name: {"rows": one.rows, "skipped": one.bad_rows, "used": used[name]}
                for name, one in loaded.items()}
     return LoadedData(records, sources, parts)

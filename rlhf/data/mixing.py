@@ -16,20 +16,24 @@ from rlhf.data.records import DataError, Problem, Record
 
 def mix(
     pools: dict[str, list[Record]], parts: Sequence[MixturePart] | None, seed: int
-) -> tuple[list[Record], dict[str, int]]:
-    """The mixed records and the number of rows each part took. ``parts=None`` takes every
-    row of every source. Raises DataError when a part asks for more rows than its pool holds."""
+) -> tuple[list[Record], dict[str, int], dict[str, int]]:
+    """The mixed records, the rows each part took, and the rows each source gave (by the
+    names in ``pools``). ``parts=None`` takes every row of every source. Raises DataError when
+    a part asks for more rows than its pool holds."""
     if parts is None:
-        return [r for rows in pools.values() for r in rows], {}
-    part_pools = {p.name: [r for s in p.sources for r in pools[s]] for p in parts}
-    counts = part_counts(parts, {name: len(rows) for name, rows in part_pools.items()})
-    records: list[Record] = []
+        records = [r for rows in pools.values() for r in rows]
+        return records, {}, {name: len(rows) for name, rows in pools.items()}
+    part_pools = {p.name: [(s, r) for s in p.sources for r in pools[s]] for p in parts}
+    counts = part_counts(parts, {name: len(pool) for name, pool in part_pools.items()})
+    picked: list[tuple[str, Record]] = []
     for part in parts:
         pool = part_pools[part.name]
         rng = random.Random(f"{seed}:{part.name}")
-        picked = sorted(rng.sample(range(len(pool)), counts[part.name]))
-        records += [pool[i] for i in picked]
-    return records, counts
+        picked += [pool[i] for i in sorted(rng.sample(range(len(pool)), counts[part.name]))]
+    used = {name: 0 for name in pools}
+    for name, _ in picked:
+        used[name] += 1
+    return [r for _, r in picked], counts, used
 
 
 def part_counts(parts: Sequence[MixturePart], available: dict[str, int]) -> dict[str, int]:
