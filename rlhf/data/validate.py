@@ -11,13 +11,13 @@ from collections import Counter
 from typing import Any
 
 from rlhf.data.config import SourceConfig
-from rlhf.recipe import RecipeError
-from rlhf.recipe import validate as validate_model
 from rlhf.data.formats import is_transcript, parse_transcript
 from rlhf.data.records import (
-    ROLES, DataError, Message, PreferencePair, Problem, Prompt, Record, SFTExample,
-    canonical_rating, safety_category, user_turns,
+    RATING_ALIASES, RATINGS, ROLES, DataError, Message, PreferencePair, Problem, Prompt, Record,
+    SFTExample, canonical_rating, safety_category, user_turns,
 )
+from rlhf.recipe import RecipeError
+from rlhf.recipe import validate as validate_model
 
 _ASSISTANT = "\n\nAssistant:"
 _TRUE = {"true", "yes", "1", "safe"}
@@ -36,7 +36,7 @@ class _Row:
 
     def get(self, field: str) -> Any:
         value = self.row.get(self.column(field))
-        return None if isinstance(value, float) and math.isnan(value) else value  # empty CSV cell
+        return None if isinstance(value, float) and math.isnan(value) else value  # an empty cell
 
     def problem(self, field: str, message: str) -> None:
         self.problems.append(Problem(self.file, self.number, field, message, self.unit))
@@ -52,11 +52,10 @@ class _Row:
     def wrong_type(self, field: str, expected: str, value: Any) -> None:
         self.problem(field, f"expected {expected}, got {type(value).__name__} {_short(value)}")
 
-    def text(self, field: str, required: bool = True) -> str | None:
+    def text(self, field: str) -> str | None:
         value = self.get(field)
         if value is None:
-            if required:
-                self.missing(field)
+            self.missing(field)
             return None
         if not isinstance(value, str):
             self.wrong_type(self.column(field), "a string", value)
@@ -221,14 +220,13 @@ def _rating(r: _Row) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, float) and value.is_integer():
-        value = int(value)  # a CSV column with empty cells reads 1 as 1.0
+        value = int(value)  # a numeric column with gaps holds 1 as 1.0
     table = r.src.rating_table()
     rating = table.get(str(value).strip()) or (canonical_rating(value) if isinstance(value, str) else None)
     if rating is None:
-        known = ", ".join(table) + ", " if table else ""
-        r.problem(r.column("rating"), f"unknown rating label {_short(value)} (known: {known}"
-                  "significantly_better, better, slightly_better, negligibly_better, unsure; map "
-                  "other labels with `ratings:` in the source config)")
+        known = ", ".join([*table, *RATINGS, *RATING_ALIASES])
+        r.problem(r.column("rating"), f"unknown rating label {_short(value)} (known: {known}; "
+                  "map other labels with `ratings:` in the source config)")
     return rating
 
 
