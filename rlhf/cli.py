@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("file")
     v.add_argument("--kind", required=True, choices=["sft", "preference", "prompts"])
     v.add_argument("--format", default="auto", help="auto (from the extension), jsonl, json, csv, parquet, datasets, hh-rlhf")
+    v.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="map a canonical field to your column, e.g. --column prompt=goal (repeatable)")
+    v.add_argument("--is-safety", choices=["true", "false"], help="prompts: is_safety of rows that do not state it")
     v.set_defaults(func=_cmd_data_validate)
 
     p = sub.add_parser("report", help="write the progress report of a pipeline or rounds directory")
@@ -135,7 +138,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_data_validate(args: argparse.Namespace) -> int:
     from rlhf.data.validate import run_validate
 
-    return run_validate(args.file, args.kind, args.format)
+    columns = {}
+    for item in args.column:
+        field, sep, column = item.partition("=")
+        if not sep:
+            print(f"error: --column {item!r}: expected FIELD=COLUMN", file=sys.stderr)
+            return EXIT_USER_ERROR
+        columns[field] = column
+    is_safety = None if args.is_safety is None else args.is_safety == "true"
+    return run_validate(args.file, args.kind, args.format, columns=columns or None, is_safety=is_safety)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

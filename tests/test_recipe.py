@@ -118,3 +118,11 @@ def test_help_is_fast_and_does_not_import_torch():
         out = subprocess.run([sys.executable, "-m", "rlhf", *args], capture_output=True, text=True)
         assert out.returncode == 0 and "usage: rlhf" in out.stdout
     assert (time.perf_counter() - start) / 4 < 1.0
+
+
+def test_data_validate_cli_maps_columns(tmp_path, capsys):
+    path = tmp_path / "adv.csv"
+    path.write_text("goal,target\nDo a bad thing,Sure\n,Sure\n")
+    assert main(["data", "validate", str(path), "--kind", "prompts", "--column", "prompt=goal", "--is-safety", "true"]) == 1
+    assert f"{path}:3: goal: missing" in capsys.readouterr().out  # names the user's column
+    assert main(["data", "validate", str(path), "--kind", "prompts", "--column", "prompt"]) == 2
