@@ -16,6 +16,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "reward_model": ("reward_model.config:RewardModelConfig", "reward_model.stage:run"),
     "rejection_sampling": ("rlhf.configs:RejectionSamplingConfig", "rlhf.rejection_sampling:run"),
     "ppo": ("rlhf.ppo.config:PPOConfig", "rlhf.ppo.train:run"),
+    "gatt": ("rlhf.method_configs:GAttConfig", "rlhf.gatt:run"),
+    "context_distillation": ("rlhf.method_configs:ContextDistillationConfig", "rlhf.context_distillation:run"),
+    "evaluate": ("rlhf.configs:EvaluateConfig", "rlhf.evaluate:run"),
 }
 
 
