@@ -1,0 +1,126 @@
+"""Preference pairs -> training items: held-out split, mixing, tokenizing, margins, collation.
+
+Each pair is tokenized once, before training, as two sequences (prompt + chosen, prompt +
+rejected). A micro-batch of pairs is collated into ONE packed row holding every chosen and
+rejected sequence back to back (restarting position ids keep them apart), so both sides are
+scored in one forward and no compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Sequence
+
+import torch
+
+from rlhf.data import DataError, LoadedData, PreferencePair, Problem, load_data, mix
+from reward_model.config import RMDataConfig, RMLossConfig
+from reward_model.losses import margin_ranking_loss, margin_table, pair_margin
+from reward_model.model import response_ids
+from sft.packing import pack_sequences
+
+
+@dataclass
+class RMPair:
+    """One tokenized preference pair; ``margin`` is m(rating) of its loss."""
+
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.chosen_ids) + len(self.rejected_ids)
+
+    loss_units = 1  # the loss is averaged over pairs
+
+
+class RMBatch(NamedTuple):
+    """A micro-batch of B pairs packed into one row: chosen_1, rejected_1, chosen_2, ...
+
+    input_ids, position_ids: (1, T) T = all tokens of the 2B sequences, no padding
+    ends:                    (2B,) last-token index of each sequence, chosen at even slots
+    margins:                 (B,)
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    ends: torch.Tensor
+    margins: torch.Tensor
+
+
+def collate(pairs: Sequence[RMPair]) -> RMBatch:
+    packed = pack_sequences([ids for p in pairs for ids in (p.chosen_ids, p.rejected_ids)])
+    margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    return RMBatch(packed.input_ids, packed.position_ids, torch.tensor(packed.ends), margins)
+
+
+def rm_loss(model: torch.nn.Module, batch: RMBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum of the margin ranking loss over the pairs of a micro-batch, and the correct pairs."""
+    rewards = model(batch.input_ids, batch.position_ids, batch.ends)  # (2B,)
+    chosen, rejected = rewards[0::2], rewards[1::2]  # (B,), (B,)
+    loss = margin_ranking_loss(chosen, rejected, batch.margins).sum()
+    return loss, {"accuracy": (chosen > rejected).float().sum()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: held-out split and mixture
+
+
+def split_held_out(pools: dict[str, list], fraction: float, seed: int) -> tuple[dict[str, list], dict[str, list]]:
+    """(training pools, held-out pairs) by source: ``round(fraction * n)`` pairs of every source
+    held out, drawn uniformly with a generator seeded by (seed, source name)."""
+    train, held_out = {}, {}
+    for name, rows in pools.items():
+        picked = set(random.Random(f"{seed}:eval:{name}").sample(range(len(rows)), round(fraction * len(rows))))
+        train[name] = [r for i, r in enumerate(rows) if i not in picked]
+        if picked:
+            held_out[name] = [rows[i] for i in sorted(picked)]
+    return train, held_out
+
+
+def load_pairs(cfg: RMDataConfig, seed: int) -> tuple[LoadedData, dict[str, list[PreferencePair]]]:
+    """The stage's training pairs (held-out pairs taken out of every source first, then the
+    mixture drawn from the rest) and the held-out pairs by source."""
+    every = load_data(cfg.model_copy(update={"mixture": None}), "preference", seed)
+    pools, start = {}, 0
+    for name, counts in every.sources.items():  # unmixed: every source's rows, in source order
+        pools[name], start = every.records[start : start + counts["used"]], start + counts["used"]
+    train, held_out = split_held_out(pools, cfg.eval_fraction, seed)
+    records, parts, used = mix(train, cfg.mixture, seed)
+    sources = {name: {**counts, "used": used[name], "held_out": len(held_out.get(name, []))}
+               for name, counts in every.sources.items()}
+    return LoadedData(records, sources, parts), held_out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizing
+
+
+def build_pairs(
+    records: Sequence[PreferencePair], tokenizer: Any, data: RMDataConfig, loss: RMLossConfig
+) -> tuple[list[RMPair], dict[str, int]]:
+    """Training items and the counts the manifest records: truncated / dropped overlong pairs,
+    pairs per rating, pairs whose margin came from their own margin column."""
+    table = margin_table(loss.margin)
+    items, counts = [], {"truncated": 0, "dropped_overlong": 0, "margin_from_column": 0}
+    ratings: dict[str, int] = defaultdict(int)
+    for n, pair in enumerate(records, start=1):
+        try:
+            seqs = [response_ids(pair.prompt, text, tokenizer, data.template) for text in (pair.chosen, pair.rejected)]
+        except ValueError as exc:
+            raise DataError([Problem(pair.source or "preference data", None, "prompt", f"{pair.id or f'record {n}'}: {exc}")]) from None
+        if max(map(len, seqs)) > data.max_length:
+            if data.overlong == "drop":
+                counts["dropped_overlong"] += 1
+                continue
+            counts["truncated"] += 1
+            seqs = [s[-data.max_length :] for s in seqs]
+        counts["margin_from_column"] += loss.margin_column and pair.margin is not None
+        ratings[pair.rating or "unrated"] += 1
+        items.append(RMPair(seqs[0], seqs[1], pair_margin(pair.rating, pair.margin, table, loss.margin_column)))
+    if not items:
+        raise DataError([Problem("preference data", None, "chosen", f"all {len(records)} pairs are longer than data.max_length")])
+    return items, {"pairs": len(items), **counts, "ratings": dict(ratings), "tokens": sum(i.num_tokens for i in items)}

@@ -1,0 +1,197 @@
+"""Evaluating a reward model on preference pairs, the way Llama 2 reports it (Sec. 3.2.2):
+accuracy overall and per rating (Table 8), per safety-label category, the recall of unsafe
+responses at a score threshold, and calibration (predicted preference probability vs observed).
+
+``eval/`` holds ``metrics.json`` ({test set: results}), ``report.md`` and two plots. The pure
+functions take rewards as tensors; ``evaluate_pairs`` scores the pairs first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rlhf.data import PreferencePair, SourceConfig, load_source, safety_category
+from rlhf.data.records import RATINGS
+from reward_model.model import RewardModel
+
+CATEGORIES = ("safe_vs_unsafe", "both_safe", "both_unsafe", "unsafe_vs_safe")
+
+
+def accuracy_by(chosen: torch.Tensor, rejected: torch.Tensor, groups: Sequence[str | None], order: Sequence[str]) -> dict[str, dict]:
+    """Accuracy (share of pairs with r_chosen > r_rejected) per group, in ``order``, then any
+    pair without a group as ``unlabelled``; groups with no pair are left out.
+
+    chosen, rejected: (N,) rewards; groups: N labels (None = unlabelled)
+    """
+    correct = (chosen > rejected).tolist()
+    table = {}
+    for name in [*order, None]:
+        hits = [c for c, g in zip(correct, groups) if g == name]
+        if hits:
+            table[name or "unlabelled"] = {"accuracy": sum(hits) / len(hits), "pairs": len(hits)}
+    return table
+
+
+def unsafe_recall(rewards: torch.Tensor, unsafe: torch.Tensor, threshold: float) -> dict[str, float | int]:
+    """Responses flagged unsafe by sigmoid(r) < threshold: recall and precision of the unsafe ones.
+
+    rewards: (M,) reward logits; unsafe: (M,) bool labels
+    """
+    flagged = torch.sigmoid(rewards.float()) < threshold
+    hits = int((flagged & unsafe).sum())
+    return {
+        "threshold": threshold, "unsafe": int(unsafe.sum()), "flagged": int(flagged.sum()),
+        "recall": hits / max(1, int(unsafe.sum())), "precision": hits / max(1, int(flagged.sum())),
+    }
+
+
+def calibration(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) -> dict[str, Any]:
+    """Predicted P(a preferred to b) = sigmoid(r_a - r_b) against how often a was preferred.
+    Each pair counts in both orders, (chosen, rejected) observed 1 and (rejected, chosen)
+    observed 0, so the curve is symmetric about 0.5. Also the expected calibration error."""
+    p = torch.sigmoid((chosen - rejected).double())
+    predicted = torch.cat([p, 1 - p])  # (2N,)
+    observed = torch.cat([torch.ones_like(p), torch.zeros_like(p)])
+    index = torch.clamp((predicted * bins).long(), max=bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        mask = index == b
+        n = int(mask.sum())
+        if n:
+            pred, obs = float(predicted[mask].mean()), float(observed[mask].mean())
+            rows.append({"bin": [b / bins, (b + 1) / bins], "predicted": pred, "observed": obs, "count": n})
+            ece += n / len(predicted) * abs(pred - obs)
+    return {"bins": rows, "ece": ece}
+
+
+def evaluate_rewards(
+    chosen: torch.Tensor, rejected: torch.Tensor, pairs: Sequence[PreferencePair], threshold: float, bins: int
+) -> dict[str, Any]:
+    """Every metric of one test set from the rewards of its pairs."""
+    result: dict[str, Any] = {
+        "pairs": len(pairs),
+        "accuracy": float((chosen > rejected).float().mean()) if len(pairs) else 0.0,
+        "per_rating": accuracy_by(chosen, rejected, [p.rating for p in pairs], RATINGS),
+        "mean_reward_chosen": float(chosen.mean()) if len(pairs) else 0.0,
+        "mean_reward_rejected": float(rejected.mean()) if len(pairs) else 0.0,
+        "calibration": calibration(chosen, rejected, bins),
+    }
+    categories = [safety_category(p) for p in pairs]
+    if any(c is not None for c in categories):
+        result["per_safety_category"] = accuracy_by(chosen, rejected, categories, CATEGORIES)
+        labelled = [i for i, c in enumerate(categories) if c is not None]
+        rewards = torch.cat([chosen[labelled], rejected[labelled]])
+        unsafe = torch.tensor([not pairs[i].chosen_safe for i in labelled] + [not pairs[i].rejected_safe for i in labelled])
+        result["unsafe_recall"] = unsafe_recall(rewards, unsafe, threshold)
+    return result
+
+
+def pair_rewards(rm: RewardModel, pairs: Sequence[PreferencePair], batch_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards (N,), (N,) of the chosen and rejected responses."""
+    seqs = [rm.encode(p.prompt, text) for p in pairs for text in (p.chosen, p.rejected)]
+    rewards = rm.score_ids(seqs, batch_tokens) if seqs else torch.empty(0)
+    return rewards[0::2], rewards[1::2]
+
+
+def evaluate_pairs(rm: RewardModel, pairs: Sequence[PreferencePair], threshold: float = 0.15, bins: int = 10, batch_tokens: int = 8192) -> dict[str, Any]:
+    chosen, rejected = pair_rewards(rm, pairs, batch_tokens)
+    return evaluate_rewards(chosen, rejected, pairs, threshold, bins)
+
+
+# ---------------------------------------------------------------------------------------------
+# Report: eval/metrics.json, report.md, accuracy_by_rating.png, calibration.png
+
+
+def _pct(table: dict, key: str) -> str:
+    return f"{100 * table[key]['accuracy']:.1f} ({table[key]['pairs']})" if key in table else "-"
+
+
+def markdown(results: dict[str, dict]) -> str:
+    """Table 8 shape: one row per test set, accuracy % (pairs) per rating; then safety."""
+    cols = [*RATINGS, "unlabelled"]
+    lines = [
+        "# Reward model evaluation", "", "Accuracy % (pairs) per preference rating (Llama 2, Table 8).", "",
+        "| test set | " + " | ".join(c.replace("_", " ") for c in cols) + " | avg |",
+        "|---" * (len(cols) + 2) + "|",
+    ]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(_pct(r["per_rating"], c) for c in cols)
+                     + f" | {100 * r['accuracy']:.1f} ({r['pairs']}) |")
+    for name, r in results.items():
+        if "per_safety_category" in r:
+            u = r["unsafe_recall"]
+            lines += ["", f"## {name}: safety", "", "| " + " | ".join(CATEGORIES) + " |", "|---" * len(CATEGORIES) + "|",
+                      "| " + " | ".join(_pct(r["per_safety_category"], c) for c in CATEGORIES) + " |", "",
+                      f"Unsafe responses flagged by sigmoid(r) < {u['threshold']}: recall {u['recall']:.3f}, "
+                      f"precision {u['precision']:.3f} ({u['flagged']} flagged, {u['unsafe']} unsafe)."]
+    lines += ["", "Calibration (expected calibration error): "
+              + ", ".join(f"{name} {r['calibration']['ece']:.3f}" for name, r in results.items()), ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(results))
+    for k, (name, r) in enumerate(results.items()):
+        keys = [c for c in (*RATINGS, "unlabelled") if c in r["per_rating"]]
+        xs = [list((*RATINGS, "unlabelled")).index(c) + k * width for c in keys]
+        ax.bar(xs, [100 * r["per_rating"][c]["accuracy"] for c in keys], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(5)], ["sig. better", "better", "slightly", "negligibly", "unlabelled"])
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set(ylabel="accuracy %", title="Reward model accuracy by preference rating", ylim=(0, 100))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy_by_rating.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    for name, r in results.items():
+        rows = r["calibration"]["bins"]
+        ax.plot([b["predicted"] for b in rows], [b["observed"] for b in rows], marker="o", label=name)
+    ax.set(xlabel="predicted P(preferred) = sigmoid(r_a - r_b)", ylabel="observed share preferred",
+           title="Calibration", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "calibration.png", dpi=100)
+    plt.close(fig)
+
+
+def write_eval(results: dict[str, dict], out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown(results))
+    plot(results, out_dir)
+    return out_dir
+
+
+def run_eval_rm(
+    model_dir: str, data: str, format: str = "auto", threshold: float = 0.15, max_pairs: int | None = None,
+    out_dir: str | None = None,
+) -> dict[str, Any]:
+    """Evaluate the reward model in ``model_dir`` (a reward_model stage dir or a HF classifier)
+    on the preference file ``data``: ``{test set name: results}``, the shape of the stage's
+    ``eval/metrics.json``. Rows the data layer rejects are left out and counted
+    (``skipped_rows``). ``max_pairs`` evaluates the first pairs only; ``out_dir`` also writes
+    the report there."""
+    from reward_model.model import load_reward_model
+
+    source = SourceConfig(path=Path(data), format=format)
+    loaded = load_source(source, "preference")
+    pairs = loaded.records[:max_pairs]
+    rm = load_reward_model(model_dir)
+    result = {**evaluate_pairs(rm, pairs, threshold), "skipped_rows": loaded.bad_rows}
+    results = {source.name: result}
+    if out_dir is not None:
+        write_eval(results, Path(out_dir))
+    return results

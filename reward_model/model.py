@@ -1,0 +1,159 @@
+"""A reward model: the causal LM's backbone with a scalar head read at the last token of
+prompt + response (Llama 2, Sec. 3.2.2), and the scoring API later stages use.
+
+The weights are a plain Hugging Face ``*ForSequenceClassification`` model (``num_labels=1``),
+so ``AutoModelForSequenceClassification.from_pretrained(model_dir)`` loads what we save. It is
+built from a causal-LM checkpoint by moving the loaded LM's backbone into it rather than by
+``AutoModelForSequenceClassification.from_pretrained(lm_dir)``: a checkpoint that stores tied
+input/output embeddings once (as ``lm_head.weight``) would leave the classifier's input
+embeddings randomly initialised that way.
+
+``RewardModel`` wraps those weights with a packed forward: several sequences in one row with
+restarting position ids (``sft.packing``), each sequence's reward read at its last token, so
+chosen and rejected are scored in one forward with no padding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from rlhf.data.chat import render
+from rlhf.data.records import Message
+from sft.packing import best_fit_rows, pack_sequences
+
+REWARD_CONFIG = "reward_config.json"  # chat template and max length the model was trained with
+
+
+def response_ids(prompt: Sequence[Message], response: str, tokenizer: Any, template: str = "llama2") -> list[int]:
+    """Token ids of a prompt conversation followed by the assistant's ``response``."""
+    return render([*prompt, Message("assistant", response)], tokenizer, template).ids
+
+
+def init_reward_model(source: str | Path, seed: int = 0, **load_kwargs: Any) -> torch.nn.Module:
+    """A ``*ForSequenceClassification`` model (one output) whose backbone holds every weight of
+    the causal LM at ``source`` and whose head is new (normal, std ``initializer_range``)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models import load_causal_lm
+
+    lm = load_causal_lm(source, **load_kwargs)
+    config = lm.config
+    config.num_labels, config.architectures = 1, None
+    if config.pad_token_id is None:  # plain transformers needs it to find the last token
+        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
+    with torch.device("meta"):  # only the head is allocated; the backbone is the LM's
+        model = AutoModelForSequenceClassification.from_config(config)
+    backbone = getattr(lm, lm.base_model_prefix)
+    setattr(model, model.base_model_prefix, backbone)
+    weight = next(backbone.parameters())
+    model.score = torch.nn.Linear(config.hidden_size, 1, bias=False, device=weight.device, dtype=weight.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head = torch.randn(model.score.weight.shape, generator=generator) * config.initializer_range
+        model.score.weight.copy_(head)
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"{source}: cannot build a reward model for {type(lm).__name__}: {left[:3]} unset")
+    return model
+
+
+class RewardModel(torch.nn.Module):
+    """Scores responses to prompts: ``score`` gives logits r (N,), ``probabilities`` sigmoid(r).
+
+    ``model`` is the Hugging Face classifier (possibly with LoRA adapters); sequences are
+    rendered with the chat ``template`` and cut to their last ``max_length`` tokens.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, template: str = "llama2", max_length: int | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length or model.config.max_position_embeddings
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+        """Rewards of packed sequences.
+
+        input_ids, position_ids: (1, T) sequences back to back, positions restarting at 0
+        ends:                    (N,) index of each sequence's last token in the row
+        returns:                 (N,) float32 rewards
+        """
+        hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        backbone = getattr(hf, hf.base_model_prefix)
+        # use_cache=False: with a cache transformers ignores the restarts and lets sequences
+        # attend to each other (see sft.packing)
+        hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return hf.score(hidden[0, ends]).squeeze(-1).float()  # (N,)
+
+    def encode(self, prompt: Sequence[Message], response: str) -> list[int]:
+        """Token ids of prompt + response, cut to the last ``max_length`` tokens."""
+        return response_ids(prompt, response, self.tokenizer, self.template)[-self.max_length :]
+
+    @torch.no_grad()
+    def score_ids(self, seqs: Sequence[Sequence[int]], batch_tokens: int = 8192) -> torch.Tensor:
+        """Rewards (N,) of token sequences, packed into rows of up to ``batch_tokens`` tokens."""
+        rewards = torch.empty(len(seqs))
+        lengths = [len(s) for s in seqs]
+        for row in best_fit_rows(lengths, max([batch_tokens, *lengths])):
+            packed = pack_sequences([seqs[i] for i in row])
+            device = self.device
+            ends = torch.tensor(packed.ends, device=device)
+            rewards[row] = self(packed.input_ids.to(device), packed.position_ids.to(device), ends).cpu()
+        return rewards
+
+    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], batch_tokens: int = 8192) -> torch.Tensor:
+        """Reward logits r (N,) of ``responses[i]`` to ``prompts[i]`` (a conversation ending with
+        a user turn)."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+        return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)], batch_tokens)
+
+    def probabilities(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], batch_tokens: int = 8192) -> torch.Tensor:
+        """sigmoid(r) (N,): the scale of the PPO safety gate."""
+        return torch.sigmoid(self.score(prompts, responses, batch_tokens))
+
+    # Saving, in the shape ``rlhf.training.save_model`` expects of a model
+
+    def save_pretrained(self, out_dir: str | Path, state_dict: dict | None = None, **kwargs: Any) -> None:
+        if state_dict is not None:  # keys of this wrapper: "model.<key of the HF model>"
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        self.model.save_pretrained(out_dir, state_dict=state_dict, **kwargs)
+        info = {"template": self.template, "max_length": self.max_length}
+        (Path(out_dir) / REWARD_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+
+    def merge_and_unload(self) -> "RewardModel":
+        """LoRA adapters merged into the weights (the head was trained in full)."""
+        return RewardModel(self.model.merge_and_unload(), self.tokenizer, self.template, self.max_length)
+
+
+def load_reward_model(path: str | Path, device: str | torch.device | None = None, **load_kwargs: Any) -> RewardModel:
+    """A saved reward model (a reward_model stage directory or its ``model/``), in eval mode.
+    A LoRA adapter saved unmerged is applied to a reward model built from its base."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.artifacts import model_dir
+    from rlhf.models import load_tokenizer
+
+    path = model_dir(Path(path))
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = PeftModel.from_pretrained(init_reward_model(base, **load_kwargs), path)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **load_kwargs)
+    info = json.loads((path / REWARD_CONFIG).read_text()) if (path / REWARD_CONFIG).is_file() else {}
+    rm = RewardModel(model, load_tokenizer(path), info.get("template", "llama2"), info.get("max_length"))
+    return rm.to(device).eval() if device is not None else rm.eval()
