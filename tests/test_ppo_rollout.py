@@ -1,16 +1,20 @@
 import pytest
 import torch
 
-from rlhf.ppo.rollout import collate, generate, length_groups, per_token, response_logprobs
+from rlhf.ppo.rollout import generate, length_groups, pack, per_token, policy_logprobs
 
 
-def test_collate_pads_prompts_left_and_responses_right():
-    batch = collate([[5, 6], [7]], [[8], [9, 10, 11]], pad_id=0)
-    assert batch.input_ids.tolist() == [[5, 6, 8, 0, 0], [0, 7, 9, 10, 11]]
-    assert batch.attention_mask.tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 2, 2], [0, 0, 1, 2, 3]]
-    assert batch.responses.tolist() == [[8, 0, 0], [9, 10, 11]]
-    assert batch.response_mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+def test_pack_maps_each_response_token_to_the_position_that_predicts_it():
+    prompts, responses = [[5, 6], [7], [1, 2, 3]], [[8], [9, 10, 11], [4]]
+    batch = pack(prompts, responses, rows=[1, 0])
+    # row: [7, 9, 10, 11 | 5, 6, 8]; rollout 1's response starts at 1 (predicted from 0),
+    # rollout 0's response token 8 sits at 6 (predicted from 5)
+    assert batch.input_ids.tolist() == [[7, 9, 10, 11, 5, 6, 8]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert batch.predict.tolist() == [0, 1, 2, 5]
+    assert batch.targets.tolist() == [9, 10, 11, 8]
+    assert batch.rows.tolist() == [1, 1, 1, 0]
+    assert batch.steps.tolist() == [0, 1, 2, 0]
 
 
 def test_length_groups_longest_first():
@@ -28,11 +32,11 @@ def tiny_lm():
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_padded_grouped_logprobs_equal_unpadded_forwards(tiny_lm):
+def test_packed_logprobs_equal_separate_forwards(tiny_lm):
     prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10]]
     responses = [[11, 12], [13, 14, 15, 2], [16]]
-    got = per_token(lambda b: response_logprobs(tiny_lm, b, temperature=0.7), prompts, responses,
-                    pad_id=0, group_size=2, device="cpu")
+    # rows of at most 9 tokens: rollouts (6, 6, 4 tokens) go into two packed rows
+    got = per_token(lambda b: policy_logprobs(tiny_lm, b, temperature=0.7), prompts, responses, tokens=9)
     assert got.shape == (3, 4)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         with torch.no_grad():

@@ -1,13 +1,13 @@
-"""Rollouts: responses sampled from the policy, and what PPO needs from the frozen models.
+"""Rollouts: responses sampled from the policy, and the per-token quantities PPO needs.
 
-A rollout batch is held as token-id lists (prompt, response) plus per-token tensors ``(B, T)``
-right-padded to the longest response. Forwards collate rows on demand in length-sorted groups,
-each padded only to its own longest prompt and response:
+A batch of rollouts is held as token-id lists (prompt, response) and per-token tensors
+``(B, T)``, right-padded to the longest response. Forwards pack whole prompt + response
+sequences back to back in one row with restarting positions (``sft.packing``: no padding, no
+sequence attends to another) and read the outputs only at the ``K`` positions that predict a
+response token: the vocabulary projection is never computed for prompt tokens.
 
-    input_ids = [pad ... pad | prompt | response | pad ... pad]     (B, P + T)
-
-so the logits that predict the response are the ``T + 1`` last positions less the last one
-(``logits_to_keep``: the vocabulary projection is never computed for prompt tokens).
+    row:      [p p p r r | p p r r r r | ...]      (1, L)
+    predict:  the position before each response token (the last prompt token predicts r_0)
 """
 
 from __future__ import annotations
@@ -18,72 +18,80 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 
 from rlhf.ppo.losses import token_logprobs
+from sft.packing import best_fit_rows, pack_sequences
 
 
-class SequenceBatch(NamedTuple):
-    input_ids: torch.Tensor  # (B, P + T) left-padded prompts, then right-padded responses
-    attention_mask: torch.Tensor  # (B, P + T)
-    position_ids: torch.Tensor  # (B, P + T) counting real tokens from 0
-    responses: torch.Tensor  # (B, T) generated tokens (pad after the end)
-    response_mask: torch.Tensor  # (B, T) 1 on generated tokens
+class PackedRollouts(NamedTuple):
+    input_ids: torch.Tensor  # (1, L) prompt + response sequences back to back
+    position_ids: torch.Tensor  # (1, L) restarting at 0 for each sequence
+    predict: torch.Tensor  # (K,) positions whose outputs predict a response token
+    targets: torch.Tensor  # (K,) the response tokens
+    rows: torch.Tensor  # (K,) rollout (row of the (B, T) tensors) of each response token
+    steps: torch.Tensor  # (K,) index t of each response token in its response
 
 
-def collate(
-    prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], pad_id: int,
+def pack(
+    prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], rows: Sequence[int],
     device: torch.device | str = "cpu",
-) -> SequenceBatch:
-    width_p = max(len(p) for p in prompt_ids)
-    width_r = max(len(r) for r in response_ids)
-    rows, masks = [], []
-    for p, r in zip(prompt_ids, response_ids):
-        left, right = width_p - len(p), width_r - len(r)
-        rows.append([pad_id] * left + list(p) + list(r) + [pad_id] * right)
-        masks.append([0] * left + [1] * (len(p) + len(r)) + [0] * right)
-    input_ids = torch.tensor(rows, device=device)
-    attention_mask = torch.tensor(masks, device=device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return SequenceBatch(
-        input_ids, attention_mask, position_ids, input_ids[:, width_p:], attention_mask[:, width_p:]
+) -> PackedRollouts:
+    """Rollouts ``rows`` packed into one row, with the indices that map outputs back."""
+    packed = pack_sequences([prompt_ids[i] + response_ids[i] for i in rows])
+    predict, row_of, step_of = [], [], []
+    for i, end in zip(rows, packed.ends):
+        first = end + 1 - len(response_ids[i])  # first response token in the packed row
+        predict += range(first - 1, end)
+        row_of += [i] * len(response_ids[i])
+        step_of += range(len(response_ids[i]))
+    ids = packed.input_ids.to(device)
+    predict_t = torch.tensor(predict, device=device)
+    return PackedRollouts(
+        ids, packed.position_ids.to(device), predict_t, ids[0, predict_t + 1],
+        torch.tensor(row_of, device=device), torch.tensor(step_of, device=device),
     )
 
 
-def length_groups(lengths: Sequence[int], size: int) -> list[list[int]]:
-    """Row indices cut into groups of at most ``size``, longest first, so groups pad little."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i : i + size] for i in range(0, len(order), size)]
+def packed_groups(prompt_ids: Sequence[list[int]], response_ids: Sequence[list[int]], tokens: int) -> list[list[int]]:
+    """Rollout indices grouped into packed rows of at most ``tokens`` tokens (a longer rollout
+    gets a row of its own)."""
+    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+    return best_fit_rows(lengths, max([tokens, *lengths]))
 
 
 # ---------------------------------------------------------------------------------------------
-# Forwards
+# Forwards: each returns one value per response token, (K,)
 
 
-def response_logits(model, batch: SequenceBatch, temperature: float = 1.0) -> torch.Tensor:
-    """Logits (B, T, V) of the positions that predict each response token, at the sampling
-    temperature (PPO's ratios compare the distributions the tokens were sampled from)."""
-    width = batch.responses.shape[1]
+def policy_logits(model, batch: PackedRollouts, temperature: float = 1.0) -> torch.Tensor:
+    """Logits (K, V) that predict each response token, at the sampling temperature (PPO's
+    ratios compare the distributions the tokens were sampled from)."""
     out = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids, logits_to_keep=width + 1, use_cache=False,
+        input_ids=batch.input_ids, position_ids=batch.position_ids, logits_to_keep=batch.predict,
+        use_cache=False,
     )
-    return out.logits[:, :-1] / temperature
+    return out.logits[0] / temperature
 
 
-def response_logprobs(model, batch: SequenceBatch, temperature: float = 1.0) -> torch.Tensor:
-    return token_logprobs(response_logits(model, batch, temperature), batch.responses)  # (B, T)
+def policy_logprobs(model, batch: PackedRollouts, temperature: float = 1.0) -> torch.Tensor:
+    return token_logprobs(policy_logits(model, batch, temperature), batch.targets)  # (K,)
+
+
+def critic_values(critic, batch: PackedRollouts) -> torch.Tensor:
+    """V(state before each response token), (K,): the reward model's head read at every
+    position that predicts a response token instead of at the last token only."""
+    return critic(batch.input_ids, batch.position_ids, batch.predict)
 
 
 def per_token(
-    fn: Callable[[SequenceBatch], torch.Tensor], prompt_ids: Sequence[list[int]],
-    response_ids: Sequence[list[int]], pad_id: int, group_size: int, device,
+    fn: Callable[[PackedRollouts], torch.Tensor], prompt_ids: Sequence[list[int]],
+    response_ids: Sequence[list[int]], tokens: int, device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """``fn`` over the rows in length-sorted groups, reassembled to (B, T) (0 on padding)."""
+    """``fn`` over all rollouts, in packed rows of at most ``tokens`` tokens, as (B, T) with 0
+    after each response's end. No gradients."""
     out = torch.zeros(len(response_ids), max(map(len, response_ids)), device=device)
-    lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
     with torch.no_grad():
-        for group in length_groups(lengths, group_size):
-            batch = collate([prompt_ids[i] for i in group], [response_ids[i] for i in group], pad_id, device)
-            values = fn(batch).float() * batch.response_mask
-            out[group, : values.shape[1]] = values
+        for rows in packed_groups(prompt_ids, response_ids, tokens):
+            batch = pack(prompt_ids, response_ids, rows, device)
+            out[batch.rows, batch.steps] = fn(batch).float()
     return out
 
 
@@ -101,6 +109,12 @@ def reference(policy, ref_model) -> Iterator[torch.nn.Module]:
 # Generation
 
 
+def length_groups(lengths: Sequence[int], size: int) -> list[list[int]]:
+    """Row indices cut into groups of at most ``size``, longest first, so groups pad little."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
 def generate(
     model, prompt_ids: Sequence[list[int]], tokenizer, max_new_tokens: int, temperature: float = 1.0,
     top_p: float = 1.0, batch_size: int = 64, greedy: bool = False,
@@ -111,15 +125,16 @@ def generate(
     device = next(model.parameters()).device
     responses: list[list[int]] = [[] for _ in prompt_ids]
     for group in length_groups([len(p) for p in prompt_ids], batch_size):
-        batch = collate([prompt_ids[i] for i in group], [[pad]] * len(group), pad, device)
-        prompts, attention = batch.input_ids[:, :-1], batch.attention_mask[:, :-1]
+        width = max(len(prompt_ids[i]) for i in group)
+        prompts = torch.tensor([[pad] * (width - len(prompt_ids[i])) + prompt_ids[i] for i in group], device=device)
+        attention = torch.tensor([[0] * (width - len(prompt_ids[i])) + [1] * len(prompt_ids[i]) for i in group], device=device)
         sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
         out = model.generate(
             input_ids=prompts, attention_mask=attention, do_sample=not greedy,
             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, use_cache=True,
             **sampling,
         )
-        for i, row in zip(group, out[:, prompts.shape[1] :].tolist()):
+        for i, row in zip(group, out[:, width:].tolist()):
             responses[i] = row[: row.index(eos) + 1] if eos in row else row
     return responses
 
