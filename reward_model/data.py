@@ -1,9 +1,9 @@
 """Preference pairs -> training items: held-out split, mixing, tokenizing, margins, collation.
 
 Each pair is tokenized once, before training, as two sequences (prompt + chosen, prompt +
-rejected). A micro-batch of pairs is collated into ONE packed row holding every chosen and
-rejected sequence back to back (restarting position ids keep them apart), so both sides are
-scored in one forward and no compute goes to padding.
+rejected). A micro-batch of pairs is collated into packed rows holding every chosen and
+rejected sequence (restarting position ids keep them apart; ``reward_model.model.pack_rows``),
+so both sides are scored in one forward and short sequences fill rows instead of padding.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ import torch
 from rlhf.data import DataError, LoadedData, PreferencePair, Problem, load_data, mix
 from reward_model.config import RMDataConfig, RMLossConfig
 from reward_model.losses import margin_ranking_loss, margin_table, pair_margin
-from reward_model.model import response_ids
-from sft.packing import pack_sequences
+from reward_model.model import pack_rows, response_ids
 
 
 @dataclass
@@ -38,10 +37,10 @@ class RMPair:
 
 
 class RMBatch(NamedTuple):
-    """A micro-batch of B pairs packed into one row: chosen_1, rejected_1, chosen_2, ...
+    """A micro-batch of B pairs packed into rows: sequences chosen_1, rejected_1, chosen_2, ...
 
-    input_ids, position_ids: (1, T) T = all tokens of the 2B sequences, no padding
-    ends:                    (2B,) last-token index of each sequence, chosen at even slots
+    input_ids, position_ids: (R, T) T = the longest sequence; the others fill the rows
+    ends:                    (2B, 2) (row, index) of each sequence's last token, chosen at even slots
     margins:                 (B,)
     """
 
@@ -52,9 +51,8 @@ class RMBatch(NamedTuple):
 
 
 def collate(pairs: Sequence[RMPair]) -> RMBatch:
-    packed = pack_sequences([ids for p in pairs for ids in (p.chosen_ids, p.rejected_ids)])
-    margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
-    return RMBatch(packed.input_ids, packed.position_ids, torch.tensor(packed.ends), margins)
+    packed = pack_rows([ids for p in pairs for ids in (p.chosen_ids, p.rejected_ids)])
+    return RMBatch(*packed, torch.tensor([p.margin for p in pairs], dtype=torch.float32))
 
 
 def rm_loss(model: torch.nn.Module, batch: RMBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -8,16 +8,18 @@ built from a causal-LM checkpoint by moving the loaded LM's backbone into it rat
 input/output embeddings once (as ``lm_head.weight``) would leave the classifier's input
 embeddings randomly initialised that way.
 
-``RewardModel`` wraps those weights with a packed forward: several sequences in one row with
-restarting position ids (``sft.packing``), each sequence's reward read at its last token, so
-chosen and rejected are scored in one forward with no padding.
+``RewardModel`` wraps those weights with a packed forward: sequences share rows with restarting
+position ids (``sft.packing``) and each sequence's reward is read at its last token, so chosen
+and rejected are scored in one forward. Rows are as long as the longest sequence (``pack_rows``):
+the short sequences fill the rows instead of padding, and attention, computed over a whole row
+by the sdpa and eager kernels, costs no more than one padded sequence would.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
@@ -26,6 +28,35 @@ from rlhf.data.records import Message
 from sft.packing import best_fit_rows, pack_sequences
 
 REWARD_CONFIG = "reward_config.json"  # chat template and max length the model was trained with
+
+
+class PackedRows(NamedTuple):
+    """Sequences best-fit into rows as long as the longest one.
+
+    input_ids, position_ids: (R, T) positions restart at 0 for each sequence; the tail of a
+                             row is padding, a block of its own that no sequence attends to
+    ends:                    (N, 2) (row, index) of each sequence's last token, in input order
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    ends: torch.Tensor
+
+
+def pack_rows(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> PackedRows:
+    """Best-fit (``sft.packing.best_fit_rows``) into rows of the longest length. Example:
+    lengths [4, 1, 2, 3] -> rows [0], [1, 3], [2], 4 tokens wide (1 fills row 1 after 3;
+    row 2 ends in 2 padding tokens)."""
+    lengths = [len(s) for s in seqs]
+    width = max(lengths)
+    ids, positions, ends = [], [], [None] * len(seqs)
+    for r, group in enumerate(best_fit_rows(lengths, width)):
+        packed = pack_sequences([seqs[i] for i in group], pad_id, pad_to=width)
+        ids.append(packed.input_ids)
+        positions.append(packed.position_ids)
+        for i, end in zip(group, packed.ends):
+            ends[i] = (r, end)
+    return PackedRows(torch.cat(ids), torch.cat(positions), torch.tensor(ends))
 
 
 def response_ids(prompt: Sequence[Message], response: str, tokenizer: Any, template: str = "llama2") -> list[int]:
@@ -84,10 +115,10 @@ class RewardModel(torch.nn.Module):
         return next(self.parameters()).device
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        """Rewards of packed sequences.
+        """Rewards of packed sequences (see ``PackedRows``).
 
-        input_ids, position_ids: (1, T) sequences back to back, positions restarting at 0
-        ends:                    (N,) index of each sequence's last token in the row
+        input_ids, position_ids: (R, T) sequences back to back, positions restarting at 0
+        ends:                    (N, 2) (row, index) of each sequence's last token
         returns:                 (N,) float32 rewards
         """
         hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -95,7 +126,7 @@ class RewardModel(torch.nn.Module):
         # use_cache=False: with a cache transformers ignores the restarts and lets sequences
         # attend to each other (see sft.packing)
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return hf.score(hidden[0, ends]).squeeze(-1).float()  # (N,)
+        return hf.score(hidden[ends[:, 0], ends[:, 1]]).squeeze(-1).float()  # (N,)
 
     def encode(self, prompt: Sequence[Message], response: str) -> list[int]:
         """Token ids of prompt + response, cut to the last ``max_length`` tokens."""
@@ -103,14 +134,11 @@ class RewardModel(torch.nn.Module):
 
     @torch.no_grad()
     def score_ids(self, seqs: Sequence[Sequence[int]], batch_tokens: int = 8192) -> torch.Tensor:
-        """Rewards (N,) of token sequences, packed into rows of up to ``batch_tokens`` tokens."""
+        """Rewards (N,) of token sequences: longest first, about ``batch_tokens`` tokens a forward."""
         rewards = torch.empty(len(seqs))
-        lengths = [len(s) for s in seqs]
-        for row in best_fit_rows(lengths, max([batch_tokens, *lengths])):
-            packed = pack_sequences([seqs[i] for i in row])
-            device = self.device
-            ends = torch.tensor(packed.ends, device=device)
-            rewards[row] = self(packed.input_ids.to(device), packed.position_ids.to(device), ends).cpu()
+        for chunk in length_chunks([len(s) for s in seqs], batch_tokens):
+            packed = pack_rows([seqs[i] for i in chunk])
+            rewards[chunk] = self(*(t.to(self.device) for t in packed)).cpu()
         return rewards
 
     def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], batch_tokens: int = 8192) -> torch.Tensor:
@@ -136,6 +164,20 @@ class RewardModel(torch.nn.Module):
     def merge_and_unload(self) -> "RewardModel":
         """LoRA adapters merged into the weights (the head was trained in full)."""
         return RewardModel(self.model.merge_and_unload(), self.tokenizer, self.template, self.max_length)
+
+
+def length_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices by decreasing length, cut into chunks of at most ``budget`` tokens (a longer
+    sequence alone); similar lengths share a chunk, so its rows waste little padding."""
+    chunks: list[list[int]] = []
+    total = budget
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if total + lengths[i] > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += lengths[i]
+    return chunks
 
 
 def load_reward_model(path: str | Path, device: str | torch.device | None = None, **load_kwargs: Any) -> RewardModel:

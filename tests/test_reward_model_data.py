@@ -90,11 +90,13 @@ def test_build_pairs_margins_truncation_and_counts(tokenizer, tmp_path):
     assert build_pairs(records, tokenizer, dropped, cfg.loss)[1]["dropped_overlong"] == 1
 
 
-def test_collate_packs_chosen_and_rejected_in_one_row_without_padding():
+def test_collate_packs_chosen_and_rejected_into_rows_of_the_longest():
     batch = collate([RMPair([5, 6, 7], [5, 8], 1.0), RMPair([9], [4, 4], 0.0)])
-    assert batch.input_ids.tolist() == [[5, 6, 7, 5, 8, 9, 4, 4]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
-    assert batch.ends.tolist() == [2, 4, 5, 7]  # chosen_1, rejected_1, chosen_2, rejected_2
+    # lengths 3, 2, 1, 2, rows 3 wide: 3 alone; 2 + 1 (rejected_1, chosen_2); 2 + padding
+    assert batch.input_ids.tolist() == [[5, 6, 7], [5, 8, 9], [4, 4, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2], [0, 1, 0], [0, 1, 0]]
+    # (row, index) of chosen_1, rejected_1, chosen_2, rejected_2
+    assert batch.ends.tolist() == [[0, 2], [1, 1], [1, 2], [2, 1]]
     assert batch.margins.tolist() == [1.0, 0.0]
 
 
