@@ -1,0 +1,142 @@
+"""The evaluate stage: policies compared on held-out prompts (METHOD.md sec. 8).
+
+For every policy: greedy responses scored by both reward models and combined by the safety
+gate; win rates against the baseline and against the policy before it under these (the latest)
+reward models, overall (R_c), on helpfulness prompts (R_h) and on safety prompts (R_s), the
+Fig. 11 axes; the KL from the baseline, estimated on sampled responses; and, when the prompts
+carry a gold judge's task info (the quickstart world), gold helpfulness, safety and false
+refusals. Writes ``eval/summary.json`` (read by the report) and ``eval/responses.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.artifacts import StageRun, model_dir
+from rlhf.configs import EvaluateConfig
+from rlhf.data import Prompt, render_prompt
+from rlhf.data.load import load_data
+from rlhf.progress import Progress
+from rlhf.rewards import safety_gate
+
+
+def win_rate(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Share of prompts where ``a`` scores above ``b``, ties counting half; None if empty."""
+    if a.numel() == 0:
+        return None
+    return float((a > b).float().mean() + 0.5 * (a == b).float().mean())
+
+
+def _load_policy(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = model_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+def _responses(path: Path, prompts: list[Prompt], cfg: EvaluateConfig, baseline) -> dict[str, Any]:
+    """Greedy responses, and the KL from the baseline on sampled ones (sum over tokens, mean
+    over prompts, k1 estimator: log pi - log pi_0 of the sampled tokens)."""
+    from rlhf.ppo.rollout import generate, per_token, policy_logprobs
+
+    model, tokenizer = _load_policy(path)
+    prompt_ids = [render_prompt(p.messages, tokenizer, cfg.template) for p in prompts]
+    with torch.no_grad():
+        greedy = generate(model, prompt_ids, tokenizer, cfg.max_new_tokens, batch_size=cfg.batch_size, greedy=True)
+        torch.manual_seed(cfg.seed)
+        sampled = generate(model, prompt_ids, tokenizer, cfg.max_new_tokens, temperature=cfg.kl_temperature,
+                           batch_size=cfg.batch_size)
+    sampled = [r if r else [tokenizer.eos_token_id] for r in sampled]
+    logprob = partial(per_token, prompt_ids=prompt_ids, response_ids=sampled, tokens=8192)
+    kl = logprob(partial(policy_logprobs, model, temperature=cfg.kl_temperature))
+    kl -= logprob(partial(policy_logprobs, baseline, temperature=cfg.kl_temperature))
+    texts = tokenizer.batch_decode(greedy, skip_special_tokens=True)
+    return {"texts": [t.strip() for t in texts], "lengths": [len(r) for r in greedy], "kl": float(kl.sum(-1).mean())}
+
+
+def _gold(prompts: list[Prompt], texts: list[str], mode: str) -> dict[str, float] | None:
+    from rlhf.world.judge import has_gold, summarize
+
+    if mode == "off" or (mode == "auto" and not has_gold(prompts)):
+        return None
+    return summarize(prompts, texts)
+
+
+def _scores(prompts: list[Prompt], texts: list[str], rms: dict, threshold: float) -> dict[str, torch.Tensor]:
+    messages = [p.messages for p in prompts]
+    help_ = rms["helpfulness"].probabilities(messages, texts)
+    safe = rms["safety"].probabilities(messages, texts)
+    is_safety = torch.tensor([p.is_safety for p in prompts])
+    gated = safety_gate(help_, safe, is_safety, threshold)
+    return {"helpfulness": help_, "safety": safe, "combined": gated.reward, "is_safety": is_safety}
+
+
+def _compare(mine: dict, other: dict) -> dict[str, float | None]:
+    safety = mine["is_safety"]
+    return {
+        "overall": win_rate(mine["combined"], other["combined"]),
+        "helpfulness": win_rate(mine["helpfulness"][~safety], other["helpfulness"][~safety]),
+        "safety": win_rate(mine["safety"][safety], other["safety"][safety]),
+    }
+
+
+def run(cfg: EvaluateConfig) -> Path:
+    from reward_model.model import load_reward_model
+
+    stage = StageRun(cfg).start()
+    prompts = load_data(cfg.prompts, "prompts", cfg.seed).records[: cfg.max_prompts]
+    rms = {"helpfulness": load_reward_model(cfg.helpfulness_rm_from), "safety": load_reward_model(cfg.safety_rm_from)}
+    baseline_path = cfg.baseline_from or next(iter(cfg.policies.values()))
+    baseline, _ = _load_policy(baseline_path)
+    progress = Progress(len(cfg.policies), "evaluate policies")
+    results: dict[str, dict] = {}
+    for name, path in cfg.policies.items():
+        out = _responses(path, prompts, cfg, baseline)
+        results[name] = {**out, "scores": _scores(prompts, out["texts"], rms, cfg.gate_threshold)}
+        progress.update(1, policy=name)
+    same = [name for name, path in cfg.policies.items() if Path(path) == Path(baseline_path)]
+    if same:
+        baseline_scores = results[same[0]]["scores"]
+    else:
+        texts = _responses(baseline_path, prompts, cfg, baseline)["texts"]
+        baseline_scores = _scores(prompts, texts, rms, cfg.gate_threshold)
+    summary = {"baseline": str(baseline_path), "prompts": len(prompts), "policies": {}}
+    previous = None
+    for name, res in results.items():
+        scores = res["scores"]
+        vs_base = _compare(scores, baseline_scores)
+        vs_prev = _compare(scores, results[previous]["scores"]) if previous else {}
+        summary["policies"][name] = {
+            "helpfulness_reward": float(scores["helpfulness"].mean()),
+            "safety_reward": float(scores["safety"].mean()),
+            "combined_reward": float(scores["combined"].mean()),
+            "win_rate_vs_baseline": vs_base["overall"],
+            "helpfulness_win_rate_vs_baseline": vs_base["helpfulness"],
+            "safety_win_rate_vs_baseline": vs_base["safety"],
+            "win_rate_vs_previous": vs_prev.get("overall"),
+            "kl_from_baseline": res["kl"],
+            "response_length": sum(res["lengths"]) / max(1, len(res["lengths"])),
+            "gold": _gold(prompts, res["texts"], cfg.gold),
+        }
+        previous = name
+    _write(stage.dir / "eval", summary, prompts, results)
+    return stage.finish({name: {k: v for k, v in p.items() if k != "gold"} | (p["gold"] or {})
+                         for name, p in summary["policies"].items()})
+
+
+def _write(out: Path, summary: dict, prompts: list[Prompt], results: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with open(out / "responses.jsonl", "w") as fh:
+        for i, prompt in enumerate(prompts):
+            row = {"prompt": prompt.messages[-1].content, "is_safety": prompt.is_safety}
+            for name, res in results.items():
+                row[name] = res["texts"][i]
+                row[f"{name}_combined"] = round(float(res["scores"]["combined"][i]), 4)
+            fh.write(json.dumps(row) + "\n")

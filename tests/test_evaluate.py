@@ -1,0 +1,19 @@
+import torch
+
+from rlhf.evaluate import _compare, win_rate
+
+
+def test_win_rate_counts_ties_half():
+    a, b = torch.tensor([0.9, 0.5, 0.2, 0.7]), torch.tensor([0.1, 0.5, 0.3, 0.6])
+    # wins on prompts 0 and 3, a tie on 1, a loss on 2: (2 + 0.5) / 4
+    assert win_rate(a, b) == 0.625
+    assert win_rate(torch.tensor([]), torch.tensor([])) is None
+
+
+def test_fig11_axes_use_each_reward_model_on_its_own_prompts():
+    mine = {"helpfulness": torch.tensor([0.9, 0.1, 0.8]), "safety": torch.tensor([0.2, 0.9, 0.1]),
+            "combined": torch.tensor([0.9, 0.9, 0.1]), "is_safety": torch.tensor([False, True, True])}
+    other = {"helpfulness": torch.tensor([0.5, 0.9, 0.9]), "safety": torch.tensor([0.9, 0.5, 0.5]),
+             "combined": torch.tensor([0.5, 0.5, 0.5]), "is_safety": mine["is_safety"]}
+    # helpfulness: prompt 0 only (0.9 > 0.5) -> 1.0; safety: prompts 1, 2 (0.9 > 0.5, 0.1 < 0.5) -> 0.5
+    assert _compare(mine, other) == {"overall": 2 / 3, "helpfulness": 1.0, "safety": 0.5}
