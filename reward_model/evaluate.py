@@ -2,7 +2,8 @@
 accuracy overall and per rating (Table 8), per safety-label category, the recall of unsafe
 responses at a score threshold, and calibration (predicted preference probability vs observed).
 
-``eval/`` holds ``metrics.json`` ({test set: results}), ``report.md`` and two plots. The pure
+``eval/`` holds ``metrics.json`` ({test set: results}), ``summary.json`` (every test set pooled),
+``report.md`` and two plots. The pure
 functions take rewards as tensors; ``evaluate_pairs`` scores the pairs first.
 """
 
@@ -166,10 +167,30 @@ def plot(results: dict[str, dict], out_dir: Path) -> None:
     plt.close(fig)
 
 
+def pooled(results: dict[str, dict]) -> dict[str, Any]:
+    """Accuracy overall and per rating over the pairs of every test set together, and each
+    set's accuracy: the headline of a reward model (``eval/summary.json``)."""
+    counts: dict[str, list[int]] = {}  # "all" or a rating -> [correct, pairs]
+    for r in results.values():
+        for key, cell in [("all", r), *r["per_rating"].items()]:
+            c = counts.setdefault(key, [0, 0])
+            c[0] += round(cell["accuracy"] * cell["pairs"])
+            c[1] += cell["pairs"]
+    correct, pairs = counts.get("all", [0, 0])
+    return {
+        "accuracy": correct / max(1, pairs), "pairs": pairs,
+        "per_rating": {k: {"accuracy": counts[k][0] / counts[k][1], "pairs": counts[k][1]}
+                       for k in (*RATINGS, "unlabelled") if k in counts},
+        "test_sets": {name: r["accuracy"] for name, r in results.items()},
+    }
+
+
 def write_eval(results: dict[str, dict], out_dir: Path) -> Path:
+    """``metrics.json`` ({test set: results}), ``summary.json`` (``pooled``), ``report.md``, plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(pooled(results), indent=2) + "\n")
     (out_dir / "report.md").write_text(markdown(results))
     plot(results, out_dir)
     return out_dir

@@ -118,7 +118,9 @@ class RewardModel(torch.nn.Module):
         """Rewards of packed sequences (see ``PackedRows``).
 
         input_ids, position_ids: (R, T) sequences back to back, positions restarting at 0
-        ends:                    (N, 2) (row, index) of each sequence's last token
+        ends:                    (N, 2) (row, index) of each sequence's last token, or (N,)
+                                 indices into a single row (R = 1); any position may be read
+                                 (a critic reads one value per response token)
         returns:                 (N,) float32 rewards
         """
         hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
@@ -126,7 +128,8 @@ class RewardModel(torch.nn.Module):
         # use_cache=False: with a cache transformers ignores the restarts and lets sequences
         # attend to each other (see sft.packing)
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        return hf.score(hidden[ends[:, 0], ends[:, 1]]).squeeze(-1).float()  # (N,)
+        picked = hidden[ends[:, 0], ends[:, 1]] if ends.ndim == 2 else hidden[0, ends]  # (N, H)
+        return hf.score(picked).squeeze(-1).float()  # (N,)
 
     def encode(self, prompt: Sequence[Message], response: str) -> list[int]:
         """Token ids of prompt + response, cut to the last ``max_length`` tokens."""

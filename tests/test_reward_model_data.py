@@ -9,7 +9,7 @@ import torch
 from rlhf.data import Message, PreferencePair
 from reward_model.config import RewardModelConfig
 from reward_model.data import RMPair, build_pairs, collate, load_pairs, split_held_out
-from reward_model.evaluate import accuracy_by, calibration, evaluate_rewards, unsafe_recall
+from reward_model.evaluate import accuracy_by, calibration, evaluate_rewards, pooled, unsafe_recall
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "bye", "ok", "no"]
 
@@ -138,3 +138,13 @@ def test_calibration_counts_both_orders():
     assert [(b["bin"], b["count"]) for b in cal["bins"]] == [([0.0, 0.25], 1), ([0.5, 0.75], 2), ([0.75, 1.0], 1)]
     assert [b["observed"] for b in cal["bins"]] == [0.0, 0.5, 1.0]
     assert cal["ece"] == pytest.approx(2 / 4 * 0.25)  # 2 of 4 points off by 0.25
+
+
+def test_pooled_summary_over_test_sets():
+    results = {"a": {"accuracy": 0.75, "pairs": 4, "per_rating": {"better": {"accuracy": 0.75, "pairs": 4}}},
+               "b": {"accuracy": 0.5, "pairs": 2, "per_rating": {"better": {"accuracy": 0.0, "pairs": 1},
+                                                               "unlabelled": {"accuracy": 1.0, "pairs": 1}}}}
+    # all: (3 + 1) / 6; better: (3 + 0) / 5; unlabelled: 1 / 1
+    assert pooled(results) == {
+        "accuracy": pytest.approx(4 / 6), "pairs": 6, "test_sets": {"a": 0.75, "b": 0.5},
+        "per_rating": {"better": {"accuracy": 0.6, "pairs": 5}, "unlabelled": {"accuracy": 1.0, "pairs": 1}}}
