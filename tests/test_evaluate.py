@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from rlhf.evaluate import _compare, win_rate
@@ -16,4 +17,4 @@ def test_fig11_axes_use_each_reward_model_on_its_own_prompts():
     other = {"helpfulness": torch.tensor([0.5, 0.9, 0.9]), "safety": torch.tensor([0.9, 0.5, 0.5]),
              "combined": torch.tensor([0.5, 0.5, 0.5]), "is_safety": mine["is_safety"]}
     # helpfulness: prompt 0 only (0.9 > 0.5) -> 1.0; safety: prompts 1, 2 (0.9 > 0.5, 0.1 < 0.5) -> 0.5
-    assert _compare(mine, other) == {"overall": 2 / 3, "helpfulness": 1.0, "safety": 0.5}
+    assert _compare(mine, other) == pytest.approx({"overall": 2 / 3, "helpfulness": 1.0, "safety": 0.5})
