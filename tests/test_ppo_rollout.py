@@ -1,17 +1,17 @@
 import pytest
 import torch
 
-from rlhf.ppo.rollout import generate, length_groups, pack, per_token, policy_logprobs
+from rlhf.ppo.rollout import PackedPolicy, generate, length_groups, pack, per_token, policy_logprobs
 
 
 def test_pack_maps_each_response_token_to_the_position_that_predicts_it():
     prompts, responses = [[5, 6], [7], [1, 2, 3]], [[8], [9, 10, 11], [4]]
     batch = pack(prompts, responses, rows=[1, 0])
-    # row: [7, 9, 10, 11 | 5, 6, 8]; rollout 1's response starts at 1 (predicted from 0),
-    # rollout 0's response token 8 sits at 6 (predicted from 5)
-    assert batch.input_ids.tolist() == [[7, 9, 10, 11, 5, 6, 8]]
-    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
-    assert batch.predict.tolist() == [0, 1, 2, 5]
+    # rows as wide as the longest sequence (4): [7, 9, 10, 11] and [5, 6, 8, pad]; rollout 1's
+    # response starts at column 1 (predicted from column 0), rollout 0's token 8 sits at (1, 2)
+    assert batch.input_ids.tolist() == [[7, 9, 10, 11], [5, 6, 8, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 0]]
+    assert batch.predict.tolist() == [[0, 0], [0, 1], [0, 2], [1, 1]]
     assert batch.targets.tolist() == [9, 10, 11, 8]
     assert batch.rows.tolist() == [1, 1, 1, 0]
     assert batch.steps.tolist() == [0, 1, 2, 0]
@@ -35,8 +35,10 @@ def tiny_lm():
 def test_packed_logprobs_equal_separate_forwards(tiny_lm):
     prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10]]
     responses = [[11, 12], [13, 14, 15, 2], [16]]
-    # rows of at most 9 tokens: rollouts (6, 6, 4 tokens) go into two packed rows
-    got = per_token(lambda b: policy_logprobs(tiny_lm, b, temperature=0.7), prompts, responses, tokens=9)
+    # forwards of about 10 tokens: rollouts of 6, 6 and 4 tokens -> [6], [6, 4] (a row of 6
+    # holding the 4-token rollout and padding)
+    policy = PackedPolicy(tiny_lm)
+    got = per_token(lambda b: policy_logprobs(policy, b, temperature=0.7), prompts, responses, tokens=10)
     assert got.shape == (3, 4)
     for i, (p, r) in enumerate(zip(prompts, responses)):
         with torch.no_grad():

@@ -99,7 +99,9 @@ class PPOSettings(Strict):
         "exceeds this; the last good checkpoint is kept.")
     offload_reward_models: bool = Field(
         False, description="Keep the reward models on the CPU outside the scoring phase.")
-    score_batch_size: int = Field(32, gt=0)
+    forward_tokens: int = Field(
+        4096, gt=0, description="Tokens per packed row in the no-gradient forwards (log-probs, "
+        "reference, values, reward models).")
 
 
 class EarlyStopConfig(Strict):
