@@ -75,7 +75,7 @@ def evaluate_rewards(
     """Every metric of one test set from the rewards of its pairs."""
     result: dict[str, Any] = {
         "pairs": len(pairs),
-        "accuracy": float((chosen > rejected).float().mean()) if len(pairs) else 0.0,
+        "accuracy": int((chosen > rejected).sum()) / max(1, len(pairs)),
         "per_rating": accuracy_by(chosen, rejected, [p.rating for p in pairs], RATINGS),
         "mean_reward_chosen": float(chosen.mean()) if len(pairs) else 0.0,
         "mean_reward_rejected": float(rejected.mean()) if len(pairs) else 0.0,

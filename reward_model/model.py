@@ -64,7 +64,17 @@ def response_ids(prompt: Sequence[Message], response: str, tokenizer: Any, templ
     return render([*prompt, Message("assistant", response)], tokenizer, template).ids
 
 
-def init_reward_model(source: str | Path, seed: int = 0, **load_kwargs: Any) -> torch.nn.Module:
+def classifier_pad_id(tokenizer: Any) -> int:
+    """The pad id for a Hugging Face classifier, which reads each row at its rightmost token that
+    is not padding: the tokenizer's pad token unless it is EOS (every rendered response ends in
+    EOS, which would then be skipped), else UNK, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.unk_token_id):
+        if token_id is not None and token_id != tokenizer.eos_token_id:
+            return token_id
+    return 0
+
+
+def init_reward_model(source: str | Path, pad_token_id: int, seed: int = 0, **load_kwargs: Any) -> torch.nn.Module:
     """A ``*ForSequenceClassification`` model (one output) whose backbone holds every weight of
     the causal LM at ``source`` and whose head is new (normal, std ``initializer_range``)."""
     from transformers import AutoModelForSequenceClassification
@@ -73,9 +83,7 @@ def init_reward_model(source: str | Path, seed: int = 0, **load_kwargs: Any) -> 
 
     lm = load_causal_lm(source, **load_kwargs)
     config = lm.config
-    config.num_labels, config.architectures = 1, None
-    if config.pad_token_id is None:  # plain transformers needs it to find the last token
-        config.pad_token_id = config.eos_token_id if isinstance(config.eos_token_id, int) else 0
+    config.num_labels, config.architectures, config.pad_token_id = 1, None, pad_token_id
     with torch.device("meta"):  # only the head is allocated; the backbone is the LM's
         model = AutoModelForSequenceClassification.from_config(config)
     backbone = getattr(lm, lm.base_model_prefix)
@@ -192,13 +200,14 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
     from rlhf.models import load_tokenizer
 
     path = model_dir(Path(path))
+    tokenizer = load_tokenizer(path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(init_reward_model(base, **load_kwargs), path)
+        model = PeftModel.from_pretrained(init_reward_model(base, classifier_pad_id(tokenizer), **load_kwargs), path)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(path, **load_kwargs)
     info = json.loads((path / REWARD_CONFIG).read_text()) if (path / REWARD_CONFIG).is_file() else {}
-    rm = RewardModel(model, load_tokenizer(path), info.get("template", "llama2"), info.get("max_length"))
+    rm = RewardModel(model, tokenizer, info.get("template", "llama2"), info.get("max_length"))
     return rm.to(device).eval() if device is not None else rm.eval()
