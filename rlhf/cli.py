@@ -54,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--is-safety", choices=["true", "false"], help="prompts: is_safety of rows that do not state it")
     v.set_defaults(func=_cmd_data_validate)
 
+    p = sub.add_parser("eval-rm", help="evaluate a reward model on a preference file; print JSON")
+    p.add_argument("model_dir", help="a reward_model stage directory or a Hugging Face classifier")
+    p.add_argument("data", help="preference pairs in any format the data layer reads (e.g. HH-RLHF)")
+    p.add_argument("--format", default="auto")
+    p.add_argument("--threshold", type=float, default=0.15, help="unsafe-response recall at this probability")
+    p.add_argument("--max-pairs", type=int, help="evaluate only the first N pairs")
+    p.add_argument("--out", help="also write the JSON, Markdown and plots into this directory")
+    p.set_defaults(func=_cmd_eval_rm)
+
     p = sub.add_parser("report", help="write the progress report of a pipeline or rounds directory")
     p.add_argument("dir", type=Path)
     p.set_defaults(func=_cmd_report)
@@ -74,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("run", type=Path)
     r.set_defaults(func=_cmd_round_status)
     return parser
+
+
+def _cmd_eval_rm(args: argparse.Namespace) -> int:
+    from reward_model.evaluate import run_eval_rm
+
+    print_json(run_eval_rm(args.model_dir, args.data, args.format, args.threshold, args.max_pairs, args.out))
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
