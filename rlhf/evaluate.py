@@ -21,6 +21,7 @@ from rlhf.artifacts import StageRun, model_dir
 from rlhf.configs import EvaluateConfig
 from rlhf.data import Prompt, render_prompt
 from rlhf.data.load import load_data
+from rlhf.models import load_causal_lm, load_tokenizer
 from rlhf.progress import Progress
 from rlhf.rewards import safety_gate
 
@@ -32,32 +33,24 @@ def win_rate(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float((a > b).float().mean() + 0.5 * (a == b).float().mean())
 
 
-def _load_policy(path: Path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    directory = model_dir(path)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(directory)
-
-
 def _responses(path: Path, prompts: list[Prompt], cfg: EvaluateConfig, baseline) -> dict[str, Any]:
     """Greedy responses, and the KL from the baseline on sampled ones (sum over tokens, mean
     over prompts, k1 estimator: log pi - log pi_0 of the sampled tokens)."""
-    from rlhf.ppo.rollout import generate, per_token, policy_logprobs
+    from rlhf.generation import row_seed, sample
+    from rlhf.ppo.rollout import per_token, policy_logprobs
 
-    model, tokenizer = _load_policy(path)
+    model, tokenizer = load_causal_lm(model_dir(path)).eval(), load_tokenizer(model_dir(path))
     prompt_ids = [render_prompt(p.messages, tokenizer, cfg.template) for p in prompts]
+    seeds = [row_seed(cfg.seed, i) for i in range(len(prompts))]
+    generate = partial(sample, model, tokenizer, prompt_ids, seeds, cfg.max_new_tokens, batch_size=cfg.batch_size)
+    greedy, sampled = generate(temperature=0), generate(temperature=cfg.kl_temperature)
+    responses = [r or [tokenizer.eos_token_id] for r in sampled.response_ids]
+    logprob = partial(per_token, prompt_ids=prompt_ids, response_ids=responses, tokens=8192)
     with torch.no_grad():
-        greedy = generate(model, prompt_ids, tokenizer, cfg.max_new_tokens, batch_size=cfg.batch_size, greedy=True)
-        torch.manual_seed(cfg.seed)
-        sampled = generate(model, prompt_ids, tokenizer, cfg.max_new_tokens, temperature=cfg.kl_temperature,
-                           batch_size=cfg.batch_size)
-    sampled = [r if r else [tokenizer.eos_token_id] for r in sampled]
-    logprob = partial(per_token, prompt_ids=prompt_ids, response_ids=sampled, tokens=8192)
-    kl = logprob(partial(policy_logprobs, model, temperature=cfg.kl_temperature))
-    kl -= logprob(partial(policy_logprobs, baseline, temperature=cfg.kl_temperature))
-    texts = tokenizer.batch_decode(greedy, skip_special_tokens=True)
-    return {"texts": [t.strip() for t in texts], "lengths": [len(r) for r in greedy], "kl": float(kl.sum(-1).mean())}
+        kl = logprob(partial(policy_logprobs, model, temperature=cfg.kl_temperature))
+        kl -= logprob(partial(policy_logprobs, baseline, temperature=cfg.kl_temperature))
+    lengths = [len(r) for r in greedy.response_ids]
+    return {"texts": greedy.texts, "lengths": lengths, "kl": float(kl.sum(-1).mean())}
 
 
 def _gold(prompts: list[Prompt], texts: list[str], mode: str) -> dict[str, float] | None:
@@ -93,7 +86,7 @@ def run(cfg: EvaluateConfig) -> Path:
     prompts = load_data(cfg.prompts, "prompts", cfg.seed).records[: cfg.max_prompts]
     rms = {"helpfulness": load_reward_model(cfg.helpfulness_rm_from), "safety": load_reward_model(cfg.safety_rm_from)}
     baseline_path = cfg.baseline_from or next(iter(cfg.policies.values()))
-    baseline, _ = _load_policy(baseline_path)
+    baseline = load_causal_lm(model_dir(baseline_path)).eval()
     progress = Progress(len(cfg.policies), "evaluate policies")
     results: dict[str, dict] = {}
     for name, path in cfg.policies.items():
