@@ -1,0 +1,318 @@
+"""Rejection sampling: gate and best of K on hand-made rewards, the best-so-far pool, the Fig. 7
+curves, prompt-masked fine-tuning rows, and the stage on a tiny world built here (a random
+2-layer Llama policy with a byte-level BPE tokenizer, two reward models with different random
+heads, 8 prompts): two rounds, a reward-model change, resume, and two processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+import rlhf.rejection_sampling as rs
+from rlhf.configs import RejectionSamplingConfig
+from rlhf.data import Message, Prompt
+from rlhf.recipe import load_recipe, validate
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_PROCESS = SimpleNamespace(process_index=0, num_processes=1)
+PROMPTS = [
+    ("what is 2 + 3?", False), ("reverse the word cat", False), ("how do I pick a lock?", True),
+    ("sort the letters b a c", False), ("say hello", False), ("how to make a weapon", True),
+    ("what is 4 + 1?", False), ("name a colour", False),
+]
+
+
+class FixedRM:
+    """A stand-in reward model: probabilities looked up by response text."""
+
+    def __init__(self, table: dict[str, float]):
+        self.table = table
+
+    def probabilities(self, prompts, responses):
+        return torch.tensor([self.table[r] for r in responses])
+
+
+def _rms(help_table, safe_table, fps=None):
+    return rs.RewardModels(FixedRM(help_table), FixedRM(safe_table), fps or {"helpfulness": "h1", "safety": "s1"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Gate, best of K, pool, curves
+
+
+def test_gate_then_best_of_k_on_hand_made_rewards():
+    h = {"a": 0.2, "b": 0.9, "c": 0.6, "x": 0.9, "y": 0.1, "z": 0.5}
+    s = {"a": 0.5, "b": 0.1, "c": 0.8, "x": 0.3, "y": 0.7, "z": 0.6}
+    helpful, unsafe = Prompt([Message("user", "q")]), Prompt([Message("user", "q2")], is_safety=True)
+    scores = rs.score_pairs(ONE_PROCESS, _rms(h, s), [helpful] * 3 + [unsafe] * 3, list("abcxyz"), threshold=0.15)
+    # helpfulness prompt: b's R_s 0.1 < 0.15 -> R_c = R_s = 0.1; a, c -> R_h: [0.2, 0.1, 0.6] -> best c
+    # safety prompt: R_c = R_s always: [0.3, 0.7, 0.6] -> best y (despite its R_h of 0.1)
+    rewards = [round(x["reward"], 6) for x in scores]
+    assert rewards == [0.2, 0.1, 0.6, 0.3, 0.7, 0.6]
+    assert [x["used_safety"] for x in scores] == [False, True, False, True, True, True]
+    assert rs.best_of(rewards[:3]) == 2 and rs.best_of(rewards[3:]) == 1
+    assert rs.best_of([0.4, 0.7, 0.7]) == 1  # ties: the first
+
+
+def _entry(key, reward, response="r", round_no=1, fps=None):
+    return {"key": key, "prompt": [{"role": "user", "content": key}], "is_safety": False, "response": response,
+            "reward": reward, "round": round_no, "reward_models": fps or {"helpfulness": "h1", "safety": "s1"}}
+
+
+def test_pool_keeps_the_max_across_rounds():
+    pool = {k: _entry(k, r) for k, r in (("a", 0.5), ("b", 0.7), ("c", 0.2))}
+    best = {k: _entry(k, r, round_no=2) for k, r in (("a", 0.6), ("b", 0.7), ("d", 0.1))}
+    new, counts = rs.update_pool(pool, best)
+    # a improves (0.6 > 0.5); b ties and keeps round 1; c was not sampled; d is new
+    assert {k: (e["reward"], e["round"]) for k, e in new.items()} == {
+        "a": (0.6, 2), "b": (0.7, 1), "c": (0.2, 1), "d": (0.1, 2)}
+    assert counts == {"improved": 1, "added": 1, "kept": 1, "not_sampled": 1}
+
+
+def test_stale_entries_are_rescored_under_the_current_reward_models():
+    old_fps = {"helpfulness": "h0", "safety": "s0"}
+    pool = {"a": _entry("a", 0.9, "ra", fps=old_fps), "b": _entry("b", 0.3, "rb")}
+    rms = _rms({"ra": 0.2, "rb": 0.8}, {"ra": 0.5, "rb": 0.5})
+    assert rs.rescore_stale(ONE_PROCESS, rms, pool, 0.15) == 1
+    assert pool["a"]["reward"] == pytest.approx(0.2) and pool["a"]["reward_models"] == rms.fingerprints
+    assert pool["b"]["reward"] == 0.3  # scored by the current models already: untouched
+    # the re-scored entry now loses to a candidate it used to beat
+    new, counts = rs.update_pool(pool, {"a": _entry("a", 0.5, "new", round_no=2)})
+    assert new["a"]["response"] == "new" and counts["improved"] == 1
+
+
+def test_best_of_k_curve_hand_worked():
+    # rewards [1, 2, 4]: k=1 -> mean 7/3 (max and median); k=2: subsets {1,2} {1,4} {2,4}:
+    # max (2+4+4)/3 = 10/3, median (1.5+2.5+3)/3 = 7/3; k=3: max 4, median 2
+    curve = rs.best_of_k_curve([4.0, 1.0, 2.0])
+    assert curve["max"] == pytest.approx([7 / 3, 10 / 3, 4])
+    assert curve["median"] == pytest.approx([7 / 3, 7 / 3, 2])
+    assert rs.subset_order_statistic([1, 2, 4], 2, 1) == pytest.approx((1 + 1 + 2) / 3)
+
+
+def test_fine_tuning_rows_are_prompt_masked():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sft.data import IGNORE, build_rows
+    from rlhf.method_configs import GenerationDataConfig
+
+    words = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "add", "two", "five", "ok"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    entry = _entry("k", 0.5, response="five ok")
+    entry["prompt"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                       {"role": "user", "content": "add two"}]
+    rows, counts = build_rows(rs.pool_examples({"k": entry}), tokenizer, GenerationDataConfig(sources=[{"path": "x.jsonl"}]))
+    ids, targets = rows[0].input_ids.tolist(), rows[0].targets.tolist()
+    # <s> [INST] hi [/INST] hello </s> <s> [INST] add two [/INST] five ok </s>: only the pool
+    # response and its EOS are targets, not the earlier assistant turn "hello"
+    assert ids == [1, 3, 5, 4, 6, 2, 1, 3, 7, 8, 4, 9, 10, 2]
+    assert [t for t in targets if t != IGNORE] == [9, 10, 2]
+    assert targets.index(9) == ids.index(4, 8)  # predicted from the last [/INST]
+
+
+def test_prompt_keys_and_categories():
+    a = Prompt([Message("user", "x")])
+    assert rs.prompt_key(a) == rs.prompt_key(Prompt([Message("user", "x")])) != rs.prompt_key(Prompt([Message("user", "y")]))
+    assert rs.prompt_key(Prompt([Message("user", "x")], id="p7")) == "p7"
+    items = [rs.Item("1", a, []), rs.Item("2", Prompt([Message("user", "z")], is_safety=True, source="adv"), [])]
+    assert rs.prompt_categories(items) == {"all": ["1", "2"], "helpfulness": ["1"], "safety": ["2"],
+                                           "source:": ["1"], "source:adv": ["2"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage on a tiny world
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([f"[INST] {p} [/INST]" for p, _ in PROMPTS] * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _stage_dir(path: Path, stage: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "manifest.json").write_text(json.dumps({"stage": stage, "status": "complete"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from reward_model.model import RewardModel, init_reward_model
+
+    root = tmp_path_factory.mktemp("rs_world")
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    policy_dir = _stage_dir(root / "sft", "sft") / "model"
+    LlamaForCausalLM(config).save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    for name, seed in (("rm_h", 1), ("rm_s", 2), ("rm_s2", 3)):
+        out = _stage_dir(root / name, "reward_model") / "model"
+        RewardModel(init_reward_model(policy_dir, tokenizer.pad_token_id, seed=seed), tokenizer).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    with open(root / "prompts.jsonl", "w") as fh:
+        for i, (text, is_safety) in enumerate(PROMPTS):
+            fh.write(json.dumps({"prompt": [{"role": "user", "content": text}], "is_safety": is_safety, "id": f"p{i}"}) + "\n")
+    return root
+
+
+def _config(world: Path, out: Path, **overrides) -> dict:
+    data = {
+        "stage": "rejection_sampling", "output_dir": str(out), "seed": 0,
+        "policy_from": str(world / "sft"), "helpfulness_rm_from": str(world / "rm_h"),
+        "safety_rm_from": str(world / "rm_s"),
+        "data": {"sources": [{"path": str(world / "prompts.jsonl")}], "max_length": 64},
+        "sampling": {"k": 4, "max_new_tokens": 6, "batch_size": 12},  # 3 prompts a bucket: 3 buckets
+        "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "max_steps": 2, "save_every": 1},
+    }
+    for key, value in overrides.items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return data
+
+
+def _cfg(world: Path, out: Path, **overrides) -> RejectionSamplingConfig:
+    return validate(RejectionSamplingConfig, _config(world, out, **overrides), "test")
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def round1(world, tmp_path_factory) -> Path:
+    return rs.run(_cfg(world, tmp_path_factory.mktemp("r1") / "rs"))
+
+
+def test_round_one_samples_scores_pools_and_fine_tunes(world, round1):
+    manifest = json.loads((round1 / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["round"] == 1
+    pool = _jsonl(round1 / "pool.jsonl")
+    assert sorted(e["key"] for e in pool) == [f"p{i}" for i in range(8)]
+    samples = {s["key"]: s for s in _jsonl(round1 / "samples.jsonl")}
+    for e in pool:  # each entry is its prompt's best of the 4 samples
+        rewards = [s["reward"] for s in samples[e["key"]]["scores"]]
+        assert len(rewards) == 4 and e["reward"] == max(rewards)
+        assert e["response"] == samples[e["key"]]["responses"][rewards.index(max(rewards))]
+        assert e["round"] == 1 and e["model"]["path"] == str(world / "sft")
+    assert manifest["metrics"]["pool_added"] == 8 and manifest["metrics"]["pool_improved"] == 0
+    report = json.loads((round1 / "report" / "summary.json").read_text())
+    curve = report["best_of_k"]["all"]
+    assert len(curve["max"]) == 4 and curve["max"] == sorted(curve["max"])  # the max rises with k
+    assert curve["max"][0] == pytest.approx(curve["median"][0])
+    assert set(report["best_of_k"]) == {"all", "helpfulness", "safety"}
+    assert (round1 / "report" / "best_of_k.png").stat().st_size > 0
+    before, after = _state(world / "sft" / "model"), _state(round1 / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (round1 / "model" / "tokenizer.json").exists() and not (round1 / "checkpoints").exists()
+
+
+def test_round_two_keeps_the_best_so_far(world, round1, tmp_path):
+    out = rs.run(_cfg(world, tmp_path / "rs2", pool_from=str(round1), policy_from=str(round1)))
+    old = {e["key"]: e for e in _jsonl(round1 / "pool.jsonl")}
+    new = {e["key"]: e for e in _jsonl(out / "pool.jsonl")}
+    samples = {s["key"]: max(x["reward"] for x in s["scores"]) for s in _jsonl(out / "samples.jsonl")}
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["round"] == 2 and m["metrics"]["pool_rescored"] == 0
+    for key, entry in new.items():
+        assert entry["reward"] == max(old[key]["reward"], samples[key])
+        assert entry["round"] == (2 if samples[key] > old[key]["reward"] else 1)
+    assert m["metrics"]["pool_improved"] == sum(samples[k] > old[k]["reward"] for k in new)
+
+
+def test_changed_reward_models_rescore_the_pool(world, round1, tmp_path):
+    from reward_model.model import load_reward_model
+
+    out = rs.run(_cfg(world, tmp_path / "rs2", pool_from=str(round1), safety_rm_from=str(world / "rm_s2")))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["metrics"]["pool_rescored"] == 8
+    old = _jsonl(round1 / "pool.jsonl")
+    h, s = load_reward_model(world / "rm_h"), load_reward_model(world / "rm_s2")
+    prompts = [[Message(**x) for x in e["prompt"]] for e in old]
+    with torch.no_grad():
+        s_old = s.probabilities(prompts, [e["response"] for e in old])
+        h_old = h.probabilities(prompts, [e["response"] for e in old])
+    new = {e["key"]: e for e in _jsonl(out / "pool.jsonl")}
+    for e, hp, sp in zip(old, h_old.tolist(), s_old.tolist()):
+        rescored = sp if e["is_safety"] or sp < 0.15 else hp  # the old response under the new models
+        entry = new[e["key"]]
+        assert entry["reward"] >= rescored - 1e-6
+        if entry["round"] == 1:
+            assert entry["reward"] == pytest.approx(rescored, abs=1e-6) and entry["safety"] == pytest.approx(sp, abs=1e-6)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_samples_only_the_buckets_left(world, round1, tmp_path, monkeypatch):
+    real, calls, crash = rs.sample_bucket, [], [True]
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(len(args[2]))
+        if crash[0] and len(calls) == 2:
+            raise Crash
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rs, "sample_bucket", crash_on_second)
+    with pytest.raises(Crash):
+        rs.run(_cfg(world, tmp_path / "rs"))
+    assert len(list((tmp_path / "rs" / "samples").glob("bucket-*.jsonl"))) == 1
+    calls.clear()
+    crash[0] = False
+    out = rs.run(_cfg(world, tmp_path / "rs"))
+    assert calls == [3, 2]  # buckets of 3, 3, 2 prompts: the first was done
+    mine, straight = _jsonl(out / "samples.jsonl"), _jsonl(round1 / "samples.jsonl")
+    assert [s["key"] for s in mine] == [s["key"] for s in straight]  # every prompt once
+    assert [s["responses"] for s in mine] == [s["responses"] for s in straight]
+
+
+def test_two_processes_sample_every_prompt_once_and_the_same(world, round1, tmp_path):
+    recipe = tmp_path / "rs.yaml"
+    recipe.write_text(yaml.safe_dump(_config(world, tmp_path / "rs")))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "rlhf", "run", str(recipe)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "rs"
+    samples = _jsonl(out / "samples.jsonl")
+    assert sorted(s["key"] for s in samples) == [f"p{i}" for i in range(8)]
+    assert sorted(e["key"] for e in _jsonl(out / "pool.jsonl")) == [f"p{i}" for i in range(8)]
+    straight = {s["key"]: s["responses"] for s in _jsonl(round1 / "samples.jsonl")}
+    assert {s["key"]: s["responses"] for s in samples} == straight  # same seed, same samples
+
+
+def test_shipped_recipes_validate():
+    for name in ("quickstart/rejection_sampling.yaml", "llama2_7b/rejection_sampling.yaml"):
+        cfg = load_recipe(REPO / "recipes" / name)
+        assert cfg.stage == "rejection_sampling"
