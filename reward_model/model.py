@@ -207,7 +207,7 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = PeftModel.from_pretrained(init_reward_model(base, classifier_pad_id(tokenizer), **load_kwargs), path)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **load_kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, **load_kwargs)
     info = json.loads((path / REWARD_CONFIG).read_text()) if (path / REWARD_CONFIG).is_file() else {}
     rm = RewardModel(model, tokenizer, info.get("template", "llama2"), info.get("max_length"))
     return rm.to(device).eval() if device is not None else rm.eval()
