@@ -270,6 +270,30 @@ def test_changed_reward_models_rescore_the_pool(world, round1, tmp_path):
             assert entry["reward"] == pytest.approx(rescored, abs=1e-6) and entry["safety"] == pytest.approx(sp, abs=1e-6)
 
 
+def test_distillation_fine_tunes_the_student_and_sweeps_temperatures(world, round1, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.models import load_tokenizer
+
+    student = _stage_dir(tmp_path / "student", "sft") / "model"
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=len(load_tokenizer(world / "sft" / "model")), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(student)
+    load_tokenizer(world / "sft" / "model").save_pretrained(student)
+    out = rs.run(_cfg(world, tmp_path / "rs", student_from=str(tmp_path / "student"),
+                      report={"temperatures": [0.5, 1.5], "sweep_prompts": 2, "sweep_k": 3}))
+    assert json.loads((out / "model" / "config.json").read_text())["hidden_size"] == 16
+    before, after = _state(student), _state(out / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # the samples are the policy's (the same as round one's), not the student's
+    assert [s["responses"] for s in _jsonl(out / "samples.jsonl")] == [s["responses"] for s in _jsonl(round1 / "samples.jsonl")]
+    sweep = json.loads((out / "report" / "summary.json").read_text())["temperature_sweep"]
+    assert set(sweep) == {"0.5", "1.5"} and all(c["prompts"] == 2 and len(c["max"]) == 3 for c in sweep.values())
+    assert (out / "report" / "temperature_sweep.png").exists()
+
+
 class Crash(Exception):
     pass
 
