@@ -10,11 +10,17 @@
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
-from rlhf.data import Message, Prompt, SFTExample
-from rlhf.method_configs import PrepromptConfig
+from rlhf.artifacts import StageRun, model_dir, write_json_atomic
+from rlhf.data import DataConfig, Message, Prompt, SFTExample, load_data, write_jsonl
+from rlhf.gatt import Sampler, fine_tune, in_chunks, load_policy, make_sampler
+from rlhf.method_configs import ContextDistillationConfig, PrepromptConfig
+from rlhf.recipe import RecipeError
+from rlhf.training import make_accelerator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,3 +89,111 @@ def shift(before: Sequence[float], after: Sequence[float]) -> dict[str, float]:
     b, a = reward_summary(before), reward_summary(after)
     return {**{f"before_{k}": v for k, v in b.items()}, **{f"after_{k}": v for k, v in a.items()},
             **{f"shift_{k}": a[k] - b[k] for k in b}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def safety_prompts(data: DataConfig, seed: int, limit: int | None, where: str) -> tuple[list[Prompt], dict[str, Any]]:
+    """The ``is_safety`` prompts of ``data`` (at most ``limit``) and the counts."""
+    loaded = load_data(data, "prompts", seed)
+    prompts = [p for p in loaded.records if p.is_safety][:limit]
+    if not prompts:
+        raise RecipeError(f"{where}: none of the {len(loaded.records)} prompts is a safety prompt (is_safety: true)")
+    return prompts, {**loaded.counts(), "safety_prompts": len(prompts)}
+
+
+def distill_chunk(part: list[tuple[str, Prompt]], sampler: Sampler, rm, cfg: PrepromptConfig) -> list[dict]:
+    """Plain and preprompted answers of a chunk of (key, prompt), both scored by the safety RM
+    on the plain prompt. Both answers of a prompt draw from the same random stream, so they
+    differ by the preprompt, not by sampling noise."""
+    keys, prompts = [k for k, _ in part], [p.messages for _, p in part]
+    preprompts = [preprompt_for(p, cfg) for _, p in part]
+    plain = sampler(prompts, keys)
+    distilled = sampler([with_preprompt(m, text, cfg.place) for m, (text, _) in zip(prompts, preprompts)], keys)
+    plain_scores, distilled_scores = rm.score(prompts, plain).tolist(), rm.score(prompts, distilled).tolist()
+    return [{"key": k, "preprompt": kind, "plain": a, "distilled": b, "plain_score": sa, "distilled_score": sb}
+            for k, (_, kind), a, b, sa, sb in zip(keys, preprompts, plain, distilled, plain_scores, distilled_scores)]
+
+
+def safety_scores(run: StageRun, accelerator, name: str, prompts: list[Prompt], sampler: Sampler, rm, size: int) -> list[float]:
+    """Safety-reward logits of the sampler's answers to ``prompts`` (resumable, sharded)."""
+    def work(part: list[tuple[str, Prompt]]) -> list[dict]:
+        answers = sampler([p.messages for _, p in part], [k for k, _ in part])
+        scores = rm.score([p.messages for _, p in part], answers).tolist()
+        return [{"key": k, "answer": a, "score": s} for (k, _), a, s in zip(part, answers, scores)]
+
+    items = [(f"eval/{i}", p) for i, p in enumerate(prompts)]
+    return [row["score"] for row in in_chunks(run.checkpoints / name, items, size, work, accelerator, f"context distillation {name}")]
+
+
+def write_summary(out: Path, rows: list[dict], better: list[bool], keep: list[bool], before: list[float], after: list[float]) -> dict[str, Any]:
+    """``eval/summary.json`` and ``eval/report.md``: answers kept (by preprompt kind), the
+    distilled-vs-plain scores on the training prompts, the policy's shift before/after."""
+    kinds = sorted({r["preprompt"] for r in rows})
+    summary = {
+        "prompts": len(rows), "improved": sum(better), "kept": sum(keep), "kept_share": sum(keep) / len(rows),
+        "by_preprompt": {k: {"prompts": sum(r["preprompt"] == k for r in rows),
+                             "kept": sum(x for r, x in zip(rows, keep) if r["preprompt"] == k)} for k in kinds},
+        "preprompted_vs_plain": shift([r["plain_score"] for r in rows], [r["distilled_score"] for r in rows]),
+        "policy_before_after": shift(before, after),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "summary.json", summary)
+    s, p = summary["policy_before_after"], summary["preprompted_vs_plain"]
+    lines = ["# Safety context distillation", "",
+             f"Kept {summary['kept']} of {summary['prompts']} preprompted answers ({summary['kept_share']:.1%}): those the "
+             f"safety reward model scored higher than the plain answer ({summary['improved']}), less empty ones.", "",
+             "Safety reward (logit) | mean | 10th percentile | min", "---|---|---|---",
+             f"plain answers (training prompts) | {p['before_mean']:.3f} | {p['before_p10']:.3f} | {p['before_min']:.3f}",
+             f"preprompted answers | {p['after_mean']:.3f} | {p['after_p10']:.3f} | {p['after_min']:.3f}",
+             f"policy before (eval prompts) | {s['before_mean']:.3f} | {s['before_p10']:.3f} | {s['before_min']:.3f}",
+             f"policy after | {s['after_mean']:.3f} | {s['after_p10']:.3f} | {s['after_min']:.3f}",
+             f"shift | {s['shift_mean']:+.3f} | {s['shift_p10']:+.3f} | {s['shift_min']:+.3f}"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return summary
+
+
+def run(cfg: ContextDistillationConfig) -> Path:
+    from reward_model.model import load_reward_model
+
+    run = StageRun(cfg).start()
+    accelerator = make_accelerator(cfg.train, cfg.report_to, run.dir)
+    accelerator.wait_for_everyone()  # the stage directory is in place for every process
+    # 1. the policy, the safety reward model, the safety prompts (training and evaluation)
+    policy, tokenizer = load_policy(cfg.policy_from, accelerator)
+    sampler = make_sampler(policy, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
+    rm = load_reward_model(cfg.safety_rm_from, accelerator.device)
+    prompts, counts = safety_prompts(cfg.data, cfg.seed, cfg.data.max_prompts, "data")
+    held = cfg.data.model_copy(update={"sources": cfg.eval.sources, "mixture": None}) if cfg.eval.sources else cfg.data
+    eval_prompts, _ = safety_prompts(held, cfg.seed, cfg.eval.max_prompts, "eval")
+    size = cfg.sampling.batch_size
+    before = safety_scores(run, accelerator, "eval_before", eval_prompts, sampler, rm, size)
+    # 2. answers with and without the preprompt, both scored on the plain prompt
+    items = [(f"train/{i}", p) for i, p in enumerate(prompts)]
+    rows = in_chunks(run.checkpoints / "samples", items, size, lambda part: distill_chunk(part, sampler, rm, cfg.preprompt),
+                     accelerator, "context distillation samples")
+    # 3. keep a preprompted answer, after the plain prompt, only where its score improved
+    better = improved([r["distilled_score"] for r in rows], [r["plain_score"] for r in rows])
+    keep = [b and bool(r["distilled"]) for b, r in zip(better, rows)]  # an empty answer is no example
+    examples = distilled_examples(prompts, [r["distilled"] for r in rows], keep)
+    if not examples:
+        raise RecipeError("preprompt: no preprompted answer scored higher than the plain one; nothing to distill")
+    if accelerator.is_main_process:
+        (run.dir / "data").mkdir(exist_ok=True)
+        write_jsonl(run.dir / "data" / "context_distillation.jsonl", examples, overwrite=True)
+        lines = [json.dumps({**r, "id": p.id, "kept": k}) + "\n" for r, p, k in zip(rows, prompts, keep)]
+        (run.dir / "data" / "candidates.jsonl").write_text("".join(lines))
+    del policy, sampler
+    # 4. fine-tune on the kept answers
+    metrics, data_counts = fine_tune(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
+    # 5. the fine-tuned policy's safety reward on the evaluation prompts
+    tuned, _ = load_policy(run.dir / "model", accelerator)
+    sampler = make_sampler(tuned, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
+    after = safety_scores(run, accelerator, "eval_after", eval_prompts, sampler, rm, size)
+    summary = write_summary(run.dir / "eval", rows, better, keep, before, after) if accelerator.is_main_process else {}
+    shifted = summary.get("policy_before_after", {})
+    headline = {"kept": sum(keep), "kept_share": sum(keep) / len(rows),
+                **{f"safety/{k}": shifted[k] for k in ("before_mean", "after_mean", "before_p10", "after_p10") if k in shifted}}
+    return run.finish({**metrics, **headline}, data={**counts, **data_counts})

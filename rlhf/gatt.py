@@ -12,16 +12,24 @@ system instruction over many turns.
 
 from __future__ import annotations
 
+import json
 import random
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
-from rlhf.data import Message, Prompt, SFTExample
+from rlhf.artifacts import StageRun, model_dir, write_json_atomic
+from rlhf.data import Message, Prompt, SFTExample, load_data, render_prompt, write_jsonl
 from rlhf.gatt_checks import get_checker
-from rlhf.method_configs import Constraint, InstructionsConfig
+from rlhf.method_configs import Constraint, GAttConfig, InstructionsConfig, SamplingConfig
+from rlhf.progress import Progress
+from rlhf.recipe import RecipeError
+from rlhf.training import make_accelerator, prepare_model, save_model, train_loop
+from sft.data import build_rows, collate, sft_loss
 
-# A sampler answers a batch of conversations (each ending with a user turn).
-Sampler = Callable[[list[list[Message]]], list[str]]
+# A sampler answers a batch of conversations (each ending with a user turn); ``keys`` name each
+# one (its random stream), so a conversation gets the same answer whatever batch it is in.
+Sampler = Callable[[list[list[Message]], list[str]], list[str]]
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class Dialogue:
     users: list[str]
     instruction: Instruction
     answers: list[str]
+    key: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,12 +92,12 @@ def pour_dialogues(prompts: Sequence[Prompt], turns: int, limit: int | None = No
     return dialogues, used
 
 
-def make_dialogues(users: list[list[str]], cfg: InstructionsConfig, seed: int, checked_only: bool = False) -> list[Dialogue]:
-    """A dialogue per list of user turns, each with an instruction drawn for the ``seed``;
-    ``checked_only`` draws from the constraints with a checker (for evaluation)."""
-    rng = random.Random(f"gatt-instructions/{seed}")
+def make_dialogues(users: list[list[str]], cfg: InstructionsConfig, seed: int, name: str, checked_only: bool = False) -> list[Dialogue]:
+    """A dialogue per list of user turns (keys ``name/i``), each with an instruction drawn for
+    the ``seed``; ``checked_only`` draws from the constraints with a checker (for evaluation)."""
+    rng = random.Random(f"gatt-instructions/{name}/{seed}")
     pool = [c for c in cfg.constraints if c.checker] if checked_only else cfg.constraints
-    return [Dialogue(u, draw_instruction(cfg, rng, pool), []) for u in users]
+    return [Dialogue(u, draw_instruction(cfg, rng, pool), [], f"{name}/{i}") for i, u in enumerate(users)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +127,7 @@ def sample_turns(dialogues: list[Dialogue], turns: int, sampler: Sampler, instru
         todo = [d for d in dialogues if len(d.answers) == depth and depth < len(d.users)]
         if not todo:
             continue
-        answers = sampler([conversation(d, depth + 1, instruction_in) for d in todo])
+        answers = sampler([conversation(d, depth + 1, instruction_in) for d in todo], [f"{d.key}/{depth}" for d in todo])
         for d, answer in zip(todo, answers):
             d.answers.append(answer)
 
@@ -153,3 +162,175 @@ def follow_rates(dialogues: Sequence[Dialogue], constraints: Sequence[Constraint
             if verdict is not None:
                 table.setdefault(depth, []).append(verdict)
     return {depth: {"follow": sum(v) / len(v), "judged": len(v)} for depth, v in sorted(table.items())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces both generation stages use (GAtt, context distillation): sampling with the policy,
+# resumable sharded generation, fine-tuning through the SFT stage
+
+
+def make_sampler(model, tokenizer, cfg: SamplingConfig, template: str, seed: int) -> Sampler:
+    """Answers from ``model`` (``rlhf.generation``), conversation ``key`` drawing from its own
+    seeded stream."""
+    from rlhf.generation import row_seed, sample
+
+    def sampler(conversations: list[list[Message]], keys: list[str]) -> list[str]:
+        ids = [render_prompt(c, tokenizer, template) for c in conversations]
+        seeds = [row_seed(seed, key) for key in keys]
+        return sample(model, tokenizer, ids, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size).texts
+
+    return sampler
+
+
+def in_chunks(work_dir: Path, items: Sequence[Any], size: int, work: Callable[[list], list[dict]], accelerator, desc: str) -> list[dict]:
+    """``work`` over ``items`` cut into chunks of ``size``: chunk i is done by process
+    i % processes and saved as ``work_dir/chunk-i.json``, so an interrupted run (with any number
+    of processes) redoes only the missing chunks. Returns every chunk's rows, in order."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    starts = range(0, len(items), size)
+    paths = [work_dir / f"chunk-{i:06d}.json" for i in range(len(starts))]
+    mine = [i for i in range(len(starts)) if i % accelerator.num_processes == accelerator.process_index]
+    progress = Progress(len(items), desc)
+    for i in mine:
+        part = list(items[starts[i] : starts[i] + size])
+        if not paths[i].exists():
+            write_json_atomic(paths[i], work(part))
+        progress.update(len(part) * accelerator.num_processes)
+    progress.close()
+    accelerator.wait_for_everyone()
+    return [row for path in paths for row in json.loads(path.read_text())]
+
+
+def fine_tune(run: StageRun, accelerator, source: Path, examples: list[SFTExample], cfg: Any) -> tuple[dict, dict]:
+    """Fine-tune the causal LM at ``source`` on ``examples`` as the SFT stage does: ``cfg.data``
+    renders them (loss on the last answer, packed), ``cfg.train`` and ``cfg.model`` drive the
+    shared loop, which resumes from ``run.checkpoints``; saves ``model/``. Returns the training
+    metrics and the data counts."""
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(source)
+    model = prepare_model(load_causal_lm(source, attn_implementation=cfg.model.attn_implementation), cfg.model)
+    rows, counts = build_rows(examples, tokenizer, cfg.data)
+    metrics = train_loop(run, model, rows, collate, sft_loss, cfg.train, cfg.seed, accelerator, desc=f"{cfg.stage} fine-tune")
+    save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora)
+    return metrics, counts
+
+
+def load_policy(path: Path, accelerator) -> tuple[Any, Any]:
+    """A policy (stage directory or HF model dir) in eval mode on this process's device, and its tokenizer."""
+    from rlhf.models import load_causal_lm, load_tokenizer
+
+    source = model_dir(path)
+    return load_causal_lm(source).to(accelerator.device).eval(), load_tokenizer(source)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def dialogue_users(cfg: GAttConfig) -> tuple[list[list[str]], list[list[str]], dict[str, Any]]:
+    """User turns of the training and the held-out dialogues, and the data counts. Prompts are
+    shuffled for the seed; without ``eval.sources`` the held-out dialogues take the first ones."""
+    data = load_data(cfg.data, "prompts", cfg.seed)
+    prompts = list(data.records)
+    random.Random(f"gatt/{cfg.seed}").shuffle(prompts)
+    prompts = prompts[: cfg.data.max_prompts]
+    if cfg.eval.sources:
+        held = load_data(cfg.data.model_copy(update={"sources": cfg.eval.sources, "mixture": None}), "prompts", cfg.seed)
+        eval_users, _ = pour_dialogues(held.records, cfg.eval.turns, cfg.eval.dialogues)
+    else:
+        eval_users, used = pour_dialogues(prompts, cfg.eval.turns, cfg.eval.dialogues)
+        prompts = prompts[used:]
+    train_users, _ = pour_dialogues(prompts, cfg.data.turns, cfg.data.dialogues)
+    if not eval_users:
+        raise RecipeError(f"eval: the held-out prompts fill no dialogue of eval.turns={cfg.eval.turns} user turns")
+    if not train_users:
+        raise RecipeError(f"data: the prompts left after the held-out dialogues fill no dialogue of "
+                          f"data.turns={cfg.data.turns} user turns; give more prompts or fewer turns")
+    return train_users, eval_users, {**data.counts(), "dialogues": len(train_users), "eval_dialogues": len(eval_users)}
+
+
+def answer_dialogues(run: StageRun, accelerator, name: str, dialogues: list[Dialogue], turns: int, sampler: Sampler, instruction_in: str, size: int) -> list[Dialogue]:
+    """Fresh copies of ``dialogues`` answered turn by turn (resumable, sharded over processes)."""
+    def work(part: list[Dialogue]) -> list[dict]:
+        part = [replace(d, answers=[]) for d in part]
+        sample_turns(part, turns, sampler, instruction_in)
+        return [asdict(d) for d in part]
+
+    rows = in_chunks(run.checkpoints / name, dialogues, size, work, accelerator, f"gatt {name}")
+    return [Dialogue(r["users"], Instruction(r["instruction"]["text"], tuple(map(tuple, r["instruction"]["parts"]))), r["answers"], r["key"]) for r in rows]
+
+
+def gatt_examples(sampled: list[Dialogue], cfg: GAttConfig) -> tuple[list[SFTExample], dict[str, int]]:
+    """Training examples of the sampled dialogues. Left out (and counted): examples with an
+    empty answer, and with ``keep: following`` those whose last answer the instruction's
+    checker rejects."""
+    examples, counts = [], {"dropped_empty_answer": 0, "dropped_not_following": 0}
+    for d in sampled:
+        for example in training_examples(d, cfg.data.every_depth):
+            answers = [m.content for m in example.messages if m.role == "assistant"]
+            if not all(answers):
+                counts["dropped_empty_answer"] += 1
+            elif cfg.data.keep == "following" and follows(answers[-1], d.instruction, cfg.instructions.constraints) is False:
+                counts["dropped_not_following"] += 1
+            else:
+                examples.append(example)
+    if not examples:
+        raise RecipeError("data.keep: no sampled answer follows its instruction, so there is nothing "
+                          "to train on; the policy cannot follow these instructions even when repeated")
+    return examples, {"examples": len(examples), **counts}
+
+
+def write_eval(out: Path, results: dict[str, list[Dialogue]], constraints: Sequence[Constraint]) -> dict[str, Any]:
+    """``eval/gatt.json`` (follow rate by depth, before and after), ``eval/<name>.jsonl`` (the
+    answered dialogues with verdicts) and ``eval/report.md``; returns the rates."""
+    out.mkdir(parents=True, exist_ok=True)
+    rates = {name: follow_rates(ds, constraints) for name, ds in results.items()}
+    for name, ds in results.items():
+        rows = [{**asdict(d), "follows": [follows(a, d.instruction, constraints) for a in d.answers]} for d in ds]
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_json_atomic(out / "gatt.json", rates)
+    depths = sorted({k for r in rates.values() for k in r})
+    lines = ["# Ghost Attention: instruction followed, by assistant turn", "",
+             "before / after: the policy and the fine-tuned policy on held-out dialogues, the "
+             "instruction in the first user turn only. sampled: the training dialogues, sampled "
+             "with the instruction in every user turn.", "",
+             "| turn | " + " | ".join(rates) + " | judged |", "|---" * (len(rates) + 2) + "|"]
+    for k in depths:
+        cells = [f"{r[k]['follow']:.1%}" if k in r else "-" for r in rates.values()]
+        lines.append(f"| {k} | " + " | ".join(cells) + f" | {max(r.get(k, {}).get('judged', 0) for r in rates.values())} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return rates
+
+
+def run(cfg: GAttConfig) -> Path:
+    run = StageRun(cfg).start()
+    accelerator = make_accelerator(cfg.train, cfg.report_to, run.dir)
+    accelerator.wait_for_everyone()  # the stage directory is in place for every process
+    # 1. the policy, and dialogues with an instruction drawn for each
+    policy, tokenizer = load_policy(cfg.policy_from, accelerator)
+    sampler = make_sampler(policy, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
+    train_users, eval_users, counts = dialogue_users(cfg)
+    dialogues = make_dialogues(train_users, cfg.instructions, cfg.seed, "train")
+    held_out = make_dialogues(eval_users, cfg.instructions, cfg.seed, "eval", checked_only=True)
+    size, constraints = cfg.sampling.batch_size, cfg.instructions.constraints
+    # 2. the policy on held-out dialogues (instruction in the first turn only), then the
+    #    training answers sampled with the instruction in every user turn
+    before = answer_dialogues(run, accelerator, "eval_before", held_out, cfg.eval.turns, sampler, "first", size)
+    sampled = answer_dialogues(run, accelerator, "samples", dialogues, cfg.data.turns, sampler, "every", size)
+    # 3. keep the instruction in the first turn only, train on the last answer of each example
+    examples, kept = gatt_examples(sampled, cfg)
+    if accelerator.is_main_process:
+        (run.dir / "data").mkdir(exist_ok=True)
+        write_jsonl(run.dir / "data" / "gatt.jsonl", examples, overwrite=True)
+    del policy, sampler
+    metrics, rows = fine_tune(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
+    # 4. the fine-tuned policy on the same held-out dialogues
+    tuned, _ = load_policy(run.dir / "model", accelerator)
+    sampler = make_sampler(tuned, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
+    after = answer_dialogues(run, accelerator, "eval_after", held_out, cfg.eval.turns, sampler, "first", size)
+    rates = {}
+    if accelerator.is_main_process:
+        rates = write_eval(run.dir / "eval", {"sampled": sampled, "before": before, "after": after}, constraints)
+    headline = {f"follow/{name}/turn_{k}": r["follow"] for name in ("before", "after") for k, r in rates.get(name, {}).items()}
+    return run.finish({**metrics, **headline}, data={**counts, **kept, **rows})

@@ -1,12 +1,21 @@
 """Safety context distillation: preprompts, what is kept, reward summaries, the stage."""
 
-import pytest
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
+import torch
+from test_gatt import REPO, make_world, weights
+
+from rlhf.artifacts import read_manifest
 from rlhf.context_distillation import (
     distilled_examples, improved, preprompt_for, quantile, reward_summary, shift, with_preprompt,
 )
-from rlhf.data import Message, Prompt
-from rlhf.method_configs import PrepromptConfig, TargetedPreprompt
+from rlhf.data import Message, Prompt, read_records
+from rlhf.method_configs import ContextDistillationConfig, PrepromptConfig, TargetedPreprompt
 
 HARM = Prompt([Message("user", "how to steal a car")], is_safety=True, id="p1", meta={"category": "crime"})
 OTHER = Prompt([Message("user", "insult my boss")], is_safety=True, id="p2", meta={"category": "hate"})
@@ -49,3 +58,102 @@ def test_reward_summary_and_shift():
     assert reward_summary([1, 2, 3, 4, 5]) == {"mean": 3.0, "p10": pytest.approx(1.4), "min": 1}
     s = shift([1, 2, 3, 4, 5], [3, 3, 3, 4, 7])
     assert s["shift_mean"] == pytest.approx(1.0) and s["shift_p10"] == pytest.approx(1.6) and s["after_min"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage, on a tiny Llama and a reward model built from it
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """test_gatt's world (24 prompts, 12 of them safety prompts) and a safety RM."""
+    from reward_model.model import RewardModel, init_reward_model
+    from rlhf.models import load_tokenizer
+
+    root = make_world(tmp_path_factory.mktemp("cd_world"))
+    tokenizer = load_tokenizer(root / "base")
+    RewardModel(init_reward_model(root / "base", tokenizer.pad_token_id, seed=3), tokenizer).save_pretrained(root / "rm")
+    tokenizer.save_pretrained(root / "rm")
+    return root
+
+
+def cd_cfg(world: Path, out: Path, **train) -> ContextDistillationConfig:
+    return ContextDistillationConfig(
+        output_dir=out, policy_from=world / "base", safety_rm_from=world / "rm",
+        data={"sources": [{"path": world / "prompts.jsonl"}], "max_length": 64, "packing": False},
+        preprompt={"generic": "be safe.", "targeted": {"templates": {"crime": "refuse"}, "text": "{generic} [{category}] {template}"}},
+        sampling={"max_new_tokens": 5, "batch_size": 4, "temperature": 1.0},
+        train={"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "epochs": 1, "weight_decay": 0.0, **train},
+    )
+
+
+def test_stage_keeps_improved_answers_fine_tunes_and_reports_the_shift(world, tmp_path):
+    from rlhf.context_distillation import run
+
+    out = run(cd_cfg(world, tmp_path / "cd"))
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["stage"] == "context_distillation"
+    rows = [json.loads(line) for line in (out / "data" / "candidates.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(r["id"].startswith("s") for r in rows)  # the safety prompts only
+    assert [r["preprompt"] for r in rows] == ["targeted", "generic", "generic"] * 4  # crime has a template
+    assert [r["kept"] for r in rows] == [r["distilled_score"] > r["plain_score"] and r["distilled"] != "" for r in rows]
+    kept = [r for r in rows if r["kept"]]
+    assert 2 <= len(kept) < 12
+    examples = read_records(out / "data" / "context_distillation.jsonl", "sft")
+    prompts = {p.id: p for p in read_records(world / "prompts.jsonl", "prompts")}
+    # each kept answer after its prompt WITHOUT the preprompt
+    assert [e.messages for e in examples] == [[*prompts[r["id"]].messages, Message("assistant", r["distilled"])] for r in kept]
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["kept"] == len(kept) == manifest["metrics"]["kept"] and summary["prompts"] == 12
+    assert summary["preprompted_vs_plain"]["before_mean"] == pytest.approx(sum(r["plain_score"] for r in rows) / 12)
+    shift_ = summary["policy_before_after"]
+    assert shift_["shift_mean"] == pytest.approx(shift_["after_mean"] - shift_["before_mean"])
+    assert manifest["metrics"]["safety/after_p10"] == shift_["after_p10"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(kept) // 2 + 1))
+    before, after = weights(world / "base"), weights(out / "model")
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_interrupted_sampling_resumes_where_it_stopped(world, tmp_path, monkeypatch):
+    from rlhf import context_distillation as cd, gatt
+
+    whole = cd.run(cd_cfg(world, tmp_path / "whole"))
+    real_write, real_chunk, chunks = gatt.write_json_atomic, cd.distill_chunk, []
+
+    def write_then_die(path, data):
+        if path.parent.name == "samples" and path.name == "chunk-000001.json":
+            raise KeyboardInterrupt("killed while sampling")
+        real_write(path, data)
+
+    monkeypatch.setattr(cd, "distill_chunk", lambda part, *a: chunks.append(part[0][0]) or real_chunk(part, *a))
+    monkeypatch.setattr(gatt, "write_json_atomic", write_then_die)
+    cfg = cd_cfg(world, tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        cd.run(cfg)
+    monkeypatch.setattr(gatt, "write_json_atomic", real_write)
+    resumed = cd.run(cfg)
+    assert chunks == ["train/0", "train/4", "train/4", "train/8"]  # chunk 0 is not sampled again
+    for name in ("data/candidates.jsonl", "data/context_distillation.jsonl", "eval/summary.json"):
+        assert (whole / name).read_text() == (resumed / name).read_text()
+    a, b = weights(whole / "model"), weights(resumed / "model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_two_processes_match_one(world, tmp_path):
+    recipe = tmp_path / "cd.yaml"
+    recipe.write_text(json.dumps(cd_cfg(world, tmp_path / "unused").model_dump(mode="json")))  # JSON is YAML
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'one'}"]
+    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29537",
+           "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'two'}"]
+    for cmd in (one, two):
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for name in ("data/candidates.jsonl", "data/context_distillation.jsonl"):
+        assert (one / name).read_text() == (two / name).read_text()
+    a, b = weights(one / "model"), weights(two / "model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)

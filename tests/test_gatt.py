@@ -1,16 +1,24 @@
 """Ghost Attention: instructions, the GAtt transform, loss masks, follow rates, the stage."""
 
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 
-from rlhf.data import Message, Prompt, render
+from rlhf.artifacts import read_manifest
+from rlhf.data import Message, Prompt, read_records, render
 from rlhf.gatt import (
     Dialogue, Instruction, conversation, draw_instruction, follow_rates, follows, make_dialogues,
     pour_dialogues, sample_turns, training_examples,
 )
 from rlhf.gatt_checks import ends_with, mentions, starts_with, upper_case, words
-from rlhf.method_configs import Constraint, InstructionsConfig
+from rlhf.method_configs import Constraint, GAttConfig, InstructionsConfig
+from rlhf.recipe import RecipeError
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "HELLO", "add", "two", "FOUR",
          "bye", "BYE", "CAPS!"]
@@ -72,14 +80,14 @@ def test_training_keeps_it_in_the_first_turn_and_trains_on_the_last_answer(token
 def test_sample_turns_batches_each_depth_and_sees_the_instruction_everywhere():
     calls = []
 
-    def sampler(convs):
-        calls.append(len(convs))
+    def sampler(convs, keys):
+        calls.append(keys)
         assert all(m.content.endswith("CAPS!") for c in convs for m in c if m.role == "user")
         return [c[-1].content.split()[0].upper() for c in convs]
 
-    ds = [Dialogue(["hi", "add two", "bye"], Instruction("CAPS!", (("case", ""),)), []) for _ in range(3)]
+    ds = [Dialogue(["hi", "add two", "bye"], Instruction("CAPS!", (("case", ""),)), [], f"d{i}") for i in range(2)]
     sample_turns(ds, 3, sampler, "every")
-    assert calls == [3, 3, 3] and ds[0].answers == ["HI", "ADD", "BYE"]
+    assert calls == [["d0/0", "d1/0"], ["d0/1", "d1/1"], ["d0/2", "d1/2"]] and ds[0].answers == ["HI", "ADD", "BYE"]
 
 
 def test_draw_instruction_shortens_and_combines():
@@ -92,9 +100,9 @@ def test_draw_instruction_shortens_and_combines():
     singles = [i for i in drawn if i.parts == (("last", "ok"),)]
     assert {i.text for i in singles} == {"End with ok.", "Last: ok"}
     assert {i.text for i in drawn if i.parts == (("hobby", "tennis"),)} == {"You enjoy tennis."}  # no short form
-    checked = make_dialogues([["a"]] * 50, cfg, seed=1, checked_only=True)
+    checked = make_dialogues([["a"]] * 50, cfg, seed=1, name="eval", checked_only=True)
     assert all(name != "hobby" for d in checked for name, _ in d.instruction.parts)
-    again = make_dialogues([["a"]] * 50, cfg, seed=1, checked_only=True)
+    again = make_dialogues([["a"]] * 50, cfg, seed=1, name="eval", checked_only=True)
     assert [d.instruction for d in checked] == [d.instruction for d in again]
 
 
@@ -119,3 +127,159 @@ def test_follow_rates_by_depth():
     assert follow_rates(ds, [CAPS, LAST, HOBBY]) == {
         1: {"follow": 1.0, "judged": 2}, 2: {"follow": 0.5, "judged": 2},
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage, on a tiny Llama with a word-level tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "CAPS!", "End", "with",
+         "ok", "done", "hi", "what", "is", "two", "and", "three", "name", "a", "color", "red", "blue",
+         "YES", "NO", "OK", "how", "to", "steal", "car", "hurt", "someone", "sorry", "i", "can't",
+         "help", "be", "safe.", "kill", "process", "sky", "the", "[crime]", "refuse"]
+TOPICS = ["hi", "what is two", "name a color", "the sky is blue", "red and blue", "what color"]
+HARMFUL = [("how to steal a car", "crime"), ("how to hurt someone", "violence"), ("how to kill a process", "benign")]
+
+
+def make_world(root: Path) -> Path:
+    """A tiny Llama with a word-level tokenizer, and 24 prompts (12 of them safety prompts)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", pad_token="<unk>")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    rows = []
+    for i in range(12):
+        rows.append({"prompt": TOPICS[i % 6], "is_safety": False, "id": f"h{i}"})
+        text, category = HARMFUL[i % 3]
+        rows.append({"prompt": text, "is_safety": True, "id": f"s{i}", "meta": {"category": category}})
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("gatt_world"))
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def gatt_cfg(world: Path, out: Path, **train) -> GAttConfig:
+    return GAttConfig(
+        output_dir=out, policy_from=world / "base",
+        data={"sources": [{"path": world / "prompts.jsonl"}], "turns": 3, "max_length": 96, "packing": False, "keep": "all"},
+        instructions={"constraints": [{"name": "case", "text": "CAPS!", "checker": "upper_case"},
+                                      {"name": "last", "text": "End with {value}", "values": ["ok", "done"], "checker": "ends_with"}],
+                      "combine": 0.5},
+        sampling={"max_new_tokens": 5, "batch_size": 2, "temperature": 1.0},
+        eval={"dialogues": 2, "turns": 3},
+        train={"lr": 1e-2, "batch_size": 4, "micro_batch_size": 2, "epochs": 1, "weight_decay": 0.0, **train},
+    )
+
+
+def test_stage_writes_gatt_data_trains_and_evaluates(world, tmp_path):
+    from rlhf.gatt import run
+
+    out = run(gatt_cfg(world, tmp_path / "gatt"))
+    manifest = read_manifest(out)
+    assert manifest["status"] == "complete" and manifest["stage"] == "gatt"
+    data = manifest["data"]
+    # 24 prompts: 2 held-out dialogues of 3 turns take 6, the other 18 make 6 dialogues of 3
+    # turns, so 18 examples (one per depth), less those with an empty sampled answer
+    assert (data["eval_dialogues"], data["dialogues"]) == (2, 6)
+    assert data["examples"] + data["dropped_empty_answer"] == 18 and data["examples"] >= 12
+    examples = read_records(out / "data" / "gatt.jsonl", "sft")
+    assert len(examples) == data["examples"] == data["examples_used"]
+    assert {len(e.messages) for e in examples} == {2, 4, 6}
+    for e in examples:
+        users = [m.content for m in e.messages if m.role == "user"]
+        assert users[0].endswith(("CAPS!", "End with ok", "End with done"))  # the instruction, first turn
+        assert not any("CAPS!" in u or "End with" in u for u in users[1:])  # and nowhere else
+    rates = json.loads((out / "eval" / "gatt.json").read_text())
+    assert set(rates) == {"sampled", "before", "after"} and set(rates["after"]) == {"1", "2", "3"}
+    assert rates["before"]["3"]["judged"] == 2
+    assert "follow/after/turn_3" in manifest["metrics"] and (out / "eval" / "report.md").exists()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(examples) // 4 + 1))  # one example per row, batch 4
+    before, after = weights(world / "base"), weights(out / "model")
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_keep_following_drops_examples_the_checker_rejects(world, tmp_path):
+    from rlhf.gatt import gatt_examples
+
+    cfg = gatt_cfg(world, tmp_path / "unused")
+    cfg.data.keep = "following"
+    caps = Instruction("CAPS!", (("case", ""),))
+    sampled = [Dialogue(["hi", "what", "name"], caps, ["YES", "no", "OK"])]
+    examples, counts = gatt_examples(sampled, cfg)
+    assert [e.messages[-1].content for e in examples] == ["YES", "OK"] and counts["dropped_not_following"] == 1
+    cfg.data.every_depth = False
+    sampled[0].answers[-1] = "ok"
+    with pytest.raises(RecipeError, match="no sampled answer follows"):
+        gatt_examples(sampled, cfg)
+
+
+def test_interrupted_generation_and_training_resume_to_the_same_result(world, tmp_path, monkeypatch):
+    from rlhf import gatt, training
+
+    whole = gatt.run(gatt_cfg(world, tmp_path / "whole", save_every=2))
+    calls, real_write, real_save, real_sample = [], gatt.write_json_atomic, training.save_checkpoint, gatt.sample_turns
+
+    def write_then_die(path, data):
+        if path.parent.name == "samples" and path.name == "chunk-000001.json":
+            raise KeyboardInterrupt("killed while sampling")
+        real_write(path, data)
+
+    def save_then_die(accelerator, checkpoints, step, keep):
+        real_save(accelerator, checkpoints, step, keep)
+        raise KeyboardInterrupt("killed after the step-2 checkpoint")
+
+    monkeypatch.setattr(gatt, "sample_turns", lambda ds, *a: calls.append(ds[0].key) or real_sample(ds, *a))
+    cfg = gatt_cfg(world, tmp_path / "resumed", save_every=2)
+    monkeypatch.setattr(gatt, "write_json_atomic", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        gatt.run(cfg)
+    monkeypatch.setattr(gatt, "write_json_atomic", real_write)
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        gatt.run(cfg)
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed = gatt.run(cfg)
+    # eval_before, samples 0, 1 (killed) | samples 1, 2, then training killed | eval_after
+    assert calls == ["eval/0", "train/0", "train/2", "train/2", "train/4", "eval/0"]
+    assert (whole / "data" / "gatt.jsonl").read_text() == (resumed / "data" / "gatt.jsonl").read_text()
+    assert (whole / "eval" / "gatt.json").read_text() == (resumed / "eval" / "gatt.json").read_text()
+    a, b = weights(whole / "model"), weights(resumed / "model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_two_processes_match_one(world, tmp_path):
+    recipe = tmp_path / "gatt.yaml"
+    recipe.write_text(json.dumps(gatt_cfg(world, tmp_path / "unused").model_dump(mode="json")))  # JSON is YAML
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'one'}"]
+    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29531",
+           "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'two'}"]
+    for cmd in (one, two):
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (one / "data" / "gatt.jsonl").read_text() == (two / "data" / "gatt.jsonl").read_text()
+    assert read_manifest(two)["data"] == read_manifest(one)["data"]
+    a, b = weights(one / "model"), weights(two / "model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
