@@ -296,7 +296,8 @@ def train_loop(
         if step % cfg.save_every == 0 and step < total:
             save_checkpoint(accelerator, run.checkpoints, step, cfg.keep_checkpoints)
     progress.close()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): later stages need the process group
+        tracker.finish()
     return {
         **{k: metrics[k] for k in metrics if k not in ("lr", "grad_norm", "tokens_per_s", "epoch")},
         "steps": total,
