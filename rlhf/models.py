@@ -14,7 +14,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from rlhf.artifacts import StageRun
+from rlhf.artifacts import StageRun, resolve_input
+from rlhf.data.records import DataError, Problem
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 # The Llama 2 chat markers become single tokens (the renderer writes them as text).
@@ -83,30 +84,33 @@ def build_model(size: str, vocab_size: int, seed: int = 0, max_positions: int = 
     return LlamaForCausalLM(config)
 
 
-def corpus_texts(paths: Iterable[Path]) -> Iterator[str]:
-    """Every string value in JSONL files (or the lines of text files)."""
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, (dict, list)):
+        for v in value.values() if isinstance(value, dict) else value:
+            yield from _strings(v)
 
-    def strings(value: Any) -> Iterator[str]:
-        if isinstance(value, str):
-            yield value
-        elif isinstance(value, dict):
-            for v in value.values():
-                yield from strings(v)
-        elif isinstance(value, list):
-            for v in value:
-                yield from strings(v)
 
-    for path in paths:
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if Path(path).suffix == ".jsonl":
-                    yield from strings(json.loads(line))
-                else:
-                    yield line
+def read_corpus(paths: Iterable[Path]) -> list[str]:
+    """Every string value in JSONL files (every line of other files). A line that is not UTF-8
+    or not JSON raises ``DataError`` naming the file and line."""
+    texts: list[str] = []
+    for path in map(Path, paths):
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                    texts += _strings(json.loads(line)) if path.suffix == ".jsonl" else [line]
+                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise DataError([Problem(str(path), number, "corpus", f"{type(exc).__name__}: {exc}")]) from exc
+    return texts
 
 
 def run_base_model(cfg) -> Path:
     """The base_model stage: copy a local checkpoint, or build tokenizer + model from scratch."""
+    paths = cfg.tokenizer.corpus if cfg.tokenizer else []
+    corpus = read_corpus(resolve_input(f"tokenizer.corpus.{i}", p, ()) for i, p in enumerate(paths))
     run = StageRun(cfg).start()
     out = run.dir / "model"
     if cfg.from_pretrained is not None:
@@ -115,7 +119,7 @@ def run_base_model(cfg) -> Path:
         shutil.copytree(cfg.from_pretrained, out)
         model, tokenizer = load_causal_lm(out), load_tokenizer(out)
     else:
-        tokenizer = train_tokenizer(corpus_texts(cfg.tokenizer.corpus), cfg.tokenizer.vocab_size)
+        tokenizer = train_tokenizer(corpus, cfg.tokenizer.vocab_size)
         model = build_model(
             cfg.model.size, len(tokenizer), cfg.seed, cfg.model.max_positions, cfg.model.tie_embeddings,
             tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,

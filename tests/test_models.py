@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf.artifacts import read_manifest
+from rlhf.artifacts import InputError, read_manifest
+from rlhf.data import DataError
 from rlhf.models import CHAT_MARKERS, build_model, load_causal_lm, load_tokenizer, train_tokenizer
 from rlhf.pipeline import run_stage
 from rlhf.recipe import load_recipe
@@ -28,6 +29,11 @@ def test_base_model_stage_builds_a_loadable_model(tmp_path):
     tok = load_tokenizer(out / "model")
     assert model.config.vocab_size == len(tok) and model.config.hidden_size == 64
     assert read_manifest(out)["metrics"]["parameters"] == sum(p.numel() for p in model.parameters())
+    with pytest.raises(InputError, match=r"tokenizer.corpus.1: .*missing.jsonl: does not exist"):
+        run_stage(load_recipe(recipe, [f"tokenizer.corpus=[{corpus},{tmp_path / 'missing.jsonl'}]", "output_dir=x"]))
+    corpus.write_text('{"messages": []}\n{"messages": [\n')
+    with pytest.raises(DataError, match=r"c.jsonl:2: corpus: JSONDecodeError"):
+        run_stage(load_recipe(recipe, ["output_dir=y"]))
 
 
 def test_same_seed_same_weights():
