@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, replace
+from functools import reduce
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rlhf.artifacts import StageRun, model_dir, write_json_atomic
-from rlhf.data import Message, Prompt, SFTExample, load_data, render_prompt, write_jsonl
-from rlhf.gatt_checks import get_checker
+from rlhf.data import Message, Prompt, SFTExample, load_data, read_records, render_prompt, write_jsonl
+from rlhf.gatt_checks import OBEY, get_checker
 from rlhf.method_configs import Constraint, GAttConfig, InstructionsConfig, SamplingConfig
 from rlhf.progress import Progress
 from rlhf.recipe import RecipeError
@@ -98,6 +99,37 @@ def make_dialogues(users: list[list[str]], cfg: InstructionsConfig, seed: int, n
     rng = random.Random(f"gatt-instructions/{name}/{seed}")
     pool = [c for c in cfg.constraints if c.checker] if checked_only else cfg.constraints
     return [Dialogue(u, draw_instruction(cfg, rng, pool), [], f"{name}/{i}") for i, u in enumerate(users)]
+
+
+def instruction_demos(path: str, constraints: list[dict], share: float = 0.5, shorten: float = 0.5,
+                      combine: float = 0.0, seed: int = 0) -> list[SFTExample]:
+    """Data hook (``hook: rlhf.gatt:instruction_demos``): a ``share`` of the SFT demonstrations at
+    ``path`` with an instruction drawn from ``constraints`` appended to their first user turn and
+    every answer rewritten to obey it (``rlhf.gatt_checks.OBEY``; constraints need a checker
+    that has a rewrite). For a policy that has never seen instructions: GAtt needs one that
+    follows an instruction given in the same turn (the Llama 2 RLHF model did)."""
+    cfg = InstructionsConfig(constraints=constraints, shorten=shorten, combine=combine)
+    unusable = [c.name for c in cfg.constraints if c.checker not in OBEY]
+    if unusable:
+        raise ValueError(f"constraints {', '.join(unusable)}: no rewrite for their checker; "
+                         f"instruction_demos knows {', '.join(OBEY)}")
+    rng = random.Random(f"instruction-demos/{seed}")
+    checker = {c.name: c.checker for c in cfg.constraints}
+    demos = []
+    for example in read_records(path, "sft"):
+        if rng.random() >= share:
+            continue
+        inst = draw_instruction(cfg, rng)
+        # words added before case changes, so "upper case + end with ok" ends with "OK"
+        parts = sorted(inst.parts, key=lambda part: checker[part[0]] in ("upper_case", "lower_case"))
+        d = Dialogue([m.content for m in example.messages if m.role == "user"], inst, [])
+        for m in example.messages:
+            if m.role == "assistant":
+                d.answers.append(reduce(lambda a, part: OBEY[checker[part[0]]](a, part[1]), parts, m.content))
+        if all(follows(a, inst, cfg.constraints) for a in d.answers):  # e.g. not "upper and lower case"
+            system = [m for m in example.messages if m.role == "system"]
+            demos.append(SFTExample([*system, *conversation(d, len(d.users), "first")], source="instruction_demos", id=example.id))
+    return demos
 
 
 # ---------------------------------------------------------------------------------------------

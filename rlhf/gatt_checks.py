@@ -61,6 +61,17 @@ CHECKERS: dict[str, Checker] = {
 }
 
 
+# How a demonstration obeys an instruction: its answer rewritten (``obey(answer, value)``), so
+# that the checker of the same name accepts it.
+OBEY: dict[str, Callable[[str, str], str]] = {
+    "upper_case": lambda answer, value: answer.upper(),
+    "lower_case": lambda answer, value: answer.lower(),
+    "ends_with": lambda answer, value: f"{answer.rstrip()} {value}",
+    "starts_with": lambda answer, value: f"{value} {answer.lstrip()}",
+    "mentions": lambda answer, value: f"{answer.rstrip()} {value}",
+}
+
+
 def is_checker_name(name: str) -> bool:
     """A key of ``CHECKERS`` or a ``module:function`` reference (not imported here)."""
     return name in CHECKERS or re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", name) is not None

@@ -13,7 +13,7 @@ import torch
 from rlhf.artifacts import read_manifest
 from rlhf.data import Message, Prompt, read_records, render
 from rlhf.gatt import (
-    Dialogue, Instruction, conversation, draw_instruction, follow_rates, follows, make_dialogues,
+    Dialogue, Instruction, conversation, draw_instruction, follow_rates, follows, instruction_demos, make_dialogues,
     pour_dialogues, sample_turns, training_examples,
 )
 from rlhf.gatt_checks import ends_with, mentions, starts_with, upper_case, words
@@ -104,6 +104,24 @@ def test_draw_instruction_shortens_and_combines():
     assert all(name != "hobby" for d in checked for name, _ in d.instruction.parts)
     again = make_dialogues([["a"]] * 50, cfg, seed=1, name="eval", checked_only=True)
     assert [d.instruction for d in checked] == [d.instruction for d in again]
+
+
+def test_instruction_demos_obey_their_instruction(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"answer {i}."}]} for i in range(200)]
+    rows[0]["messages"] += [{"role": "user", "content": "more"}, {"role": "assistant", "content": "fine"}]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    demos = instruction_demos(str(tmp_path / "sft.jsonl"), [LAST.model_dump()], share=0.5, seed=0)
+    assert 70 < len(demos) < 130 and any(len(d.messages) == 4 for d in demos)
+    for demo in demos:
+        first, *others = [m.content for m in demo.messages if m.role == "user"]
+        inst = first.split(" ", 1)[1]  # "q17 End with ok" -> the instruction, in the first turn only
+        assert inst in {"End with ok.", "End with done.", "Last: ok", "Last: done"} and others in ([], ["more"])
+        assert all(ends_with(m.content, inst.split()[-1]) for m in demo.messages if m.role == "assistant")
+    both = instruction_demos(str(tmp_path / "sft.jsonl"), [CAPS.model_dump(), LAST.model_dump()], share=1.0, combine=1.0, shorten=0.0)
+    assert len(both) == 200
+    assert all(upper_case(a) and (ends_with(a, "ok") or ends_with(a, "done")) for d in both for a in [d.messages[1].content])
+    with pytest.raises(ValueError, match="no rewrite"):
+        instruction_demos(str(tmp_path / "sft.jsonl"), [HOBBY.model_dump()])
 
 
 def test_pour_dialogues():
