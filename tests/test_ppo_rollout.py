@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf.ppo.rollout import PackedPolicy, generate, length_groups, pack, per_token, policy_logprobs
+from rlhf.ppo.rollout import PackedPolicy, pack, per_token, policy_logprobs
 
 
 def test_pack_maps_each_response_token_to_the_position_that_predicts_it():
@@ -15,10 +15,6 @@ def test_pack_maps_each_response_token_to_the_position_that_predicts_it():
     assert batch.targets.tolist() == [9, 10, 11, 8]
     assert batch.rows.tolist() == [1, 1, 1, 0]
     assert batch.steps.tolist() == [0, 1, 2, 0]
-
-
-def test_length_groups_longest_first():
-    assert length_groups([3, 9, 1, 5, 7], 2) == [[1, 4], [3, 0], [2]]
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +42,3 @@ def test_packed_logprobs_equal_separate_forwards(tiny_lm):
         expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(r)[:, None])[:, 0]
         assert torch.allclose(got[i, : len(r)], expected, atol=1e-5)
         assert (got[i, len(r):] == 0).all()
-
-
-class _Tok:
-    eos_token_id, pad_token_id = 2, 0
-
-
-def test_generate_cuts_after_eos_and_is_seeded(tiny_lm):
-    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10]]
-    torch.manual_seed(3)
-    a = generate(tiny_lm, prompts, _Tok(), max_new_tokens=12, batch_size=2)
-    torch.manual_seed(3)
-    b = generate(tiny_lm, prompts, _Tok(), max_new_tokens=12, batch_size=2)
-    assert a == b and len(a) == 3
-    for r in a:
-        assert 1 <= len(r) <= 12
-        assert 2 not in r[:-1]  # nothing after the first EOS

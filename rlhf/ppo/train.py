@@ -1,0 +1,449 @@
+"""The PPO stage (Llama 2, Sec. 3.2.3): optimise the safety-gated reward with a KL penalty.
+
+One iteration: sample a response to each of ``prompts_per_iteration`` prompts, score it with
+both reward models and gate, whiten, subtract the KL penalty per token, estimate advantages with
+GAE, then run ``train.epochs`` PPO epochs over mini-batches of ``train.batch_size`` rollouts
+(one optimizer step per mini-batch, for the policy and the critic each). The math lives in
+``rlhf.rewards`` and ``rlhf.ppo.losses``; this module wires it.
+
+Several processes: each samples, scores and runs the frozen forwards for its share of the
+prompts, then every process gathers the whole iteration's rollouts, so the reward, whitening and
+GAE see the full batch, and each global mini-batch is split into equal shares (as in
+``rlhf.training``): N processes compute what one process would.
+
+Exact resume: response i of iteration k is sampled with its own seed (seed, k, i) (see
+``rlhf.generation``). A checkpoint of iteration k (``step-k``: policy, critic, both optimizers,
+schedulers, early-stop state) is written only after the rollouts of iteration k passed the checks
+(finite, KL under ``ppo.max_kl``), so every checkpoint on disk holds a good policy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.artifacts import StageRun, model_dir, read_manifest
+from rlhf.data import Prompt, render_prompt
+from rlhf.data.load import load_data
+from rlhf.generation import row_seed, sample
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.ppo.config import PPOConfig
+from rlhf.ppo.losses import entropy, explained_variance, gae, policy_loss, token_logprobs, value_loss
+from rlhf.ppo.rollout import PackedPolicy, critic_values, pack, per_token, policy_logits, policy_logprobs, reference
+from rlhf.progress import Progress
+from rlhf.recipe import RecipeError
+from rlhf.rewards import kl_penalty, logit, safety_gate, token_rewards, whiten
+from rlhf.training import (
+    epoch_order, latest_checkpoint, lr_factor, make_accelerator, make_optimizer, micro_batches,
+    prepare_model, resume, save_checkpoint, save_model, warmup_steps,
+)
+from reward_model.model import RewardModel, load_reward_model
+
+
+class TrainingStopped(Exception):
+    """PPO stopped on a divergence; the message says why and names the last good checkpoint."""
+
+
+@dataclass
+class Models:
+    tokenizer: Any
+    policy: PackedPolicy
+    ref: PackedPolicy | None  # None: the LoRA policy with its adapter switched off
+    critic: RewardModel  # read at every response position: V(state before each token)
+    helpfulness: RewardModel
+    safety: RewardModel
+
+
+@dataclass
+class Rollouts:
+    """Rollouts of one iteration (a process's share, or all of them once gathered).
+    Per-token tensors are (B, T), 0 after each response's end; per-rollout ones (B,)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    logprobs: torch.Tensor  # (B, T) log pi_old
+    ref_logprobs: torch.Tensor  # (B, T) log pi_0
+    values: torch.Tensor  # (B, T) V_old
+    r_h: torch.Tensor  # (B,) helpfulness RM, probability scale
+    r_s: torch.Tensor  # (B,) safety RM, probability scale
+    r_c: torch.Tensor  # (B,) the gated reward R_c
+    used_safety: torch.Tensor  # (B,) 1 where R_c = R_s
+    is_safety: torch.Tensor  # (B,) 1 on safety prompts
+
+    @property
+    def mask(self) -> torch.Tensor:  # (B, T) 1 on generated tokens
+        lengths = torch.tensor([len(r) for r in self.response_ids], device=self.logprobs.device)
+        return (torch.arange(self.logprobs.shape[1], device=lengths.device) < lengths[:, None]).float()
+
+
+@dataclass
+class EarlyStop:
+    """Held-out reward bookkeeping; saved in checkpoints (``state_dict``) so resume matches."""
+
+    best: float = -math.inf
+    best_iteration: int = -1
+    bad_evals: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class Timer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def run(cfg: PPOConfig) -> Path:
+    run = StageRun(cfg).start()
+    accelerator = make_accelerator(cfg.train, cfg.report_to, run.dir)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    check_sizes(cfg, world)
+    models = load_models(cfg, accelerator.device)
+    prompts, counts = load_prompts(cfg.data, cfg, models.tokenizer)
+    held_out = load_prompts(cfg.early_stop.data, cfg, models.tokenizer)[0] if cfg.early_stop.data else None
+    optimizers, schedulers = make_optimizers(cfg, models)
+    models.policy, models.critic, *optimizers = accelerator.prepare(models.policy, models.critic, *optimizers)
+    early = EarlyStop()
+    accelerator.register_for_checkpointing(*schedulers, early)
+    start = resume(accelerator, run.checkpoints)
+    run.truncate_metrics(start)
+    if accelerator.log_with and not accelerator.trackers:
+        accelerator.init_trackers(run.dir.name)
+    progress = Progress(cfg.ppo.iterations, "ppo", initial=start)
+    metrics: dict[str, float] = {}
+    for iteration in range(start, cfg.ppo.iterations):
+        torch.manual_seed(row_seed(cfg.seed, "ppo-train", iteration, rank))  # dropout, if any
+        timer, began = Timer(), time.perf_counter()
+        order = iteration_prompts(len(prompts), cfg.ppo.prompts_per_iteration, cfg.seed, iteration)
+        mine = micro_batches(range(len(order)), rank, world, len(order))[0]  # places in the iteration
+        batch = [prompts[order[k]] for k in mine]
+        prompt_ids = [ids for _, ids in batch]
+        policy = accelerator.unwrap_model(models.policy).eval()
+        critic = accelerator.unwrap_model(models.critic).eval()
+        with torch.no_grad(), accelerator.autocast():
+            # 1. generate: response k of the iteration drawn with its own seed
+            with timer("generation"):
+                seeds = [row_seed(cfg.seed, "ppo", iteration, k) for k in mine]
+                samples = generate(policy, prompt_ids, seeds, models.tokenizer, cfg)
+            # 2. score with both reward models and gate (probability scale)
+            with timer("scoring"):
+                r_h, r_s = score_both(models, [p for p, _ in batch], samples.texts, cfg, accelerator.device)
+                is_safety = torch.tensor([float(p.is_safety) for p, _ in batch], device=accelerator.device)
+                gated = safety_gate(r_h, r_s, is_safety, cfg.ppo.gate_threshold)
+            # 3. log pi_old, log pi_0 and V_old per generated token
+            with timer("forward"):
+                forward = dict(prompt_ids=prompt_ids, response_ids=samples.response_ids,
+                               tokens=cfg.ppo.forward_tokens, device=accelerator.device)
+                logprobs = per_token(lambda b: policy_logprobs(policy, b, cfg.generation.temperature), **forward)
+                with reference(policy, models.ref) as ref:
+                    ref_logprobs = per_token(lambda b: policy_logprobs(ref, b, cfg.generation.temperature), **forward)
+                values = per_token(lambda b: critic_values(critic, b), **forward)
+        ro = gather(accelerator, Rollouts(prompt_ids, samples.response_ids, logprobs, ref_logprobs, values,
+                                          r_h, r_s, gated.reward, gated.used_safety.float(), is_safety))
+        # 4. per-token rewards: WHITEN(LOGIT(R_c)) on the last token, -beta * KL on every token
+        mask = ro.mask  # (B, T)
+        kl = kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.ppo.kl_estimator) * mask  # (B, T)
+        rewards = token_rewards(whiten(logit(ro.r_c)), kl, mask, cfg.ppo.beta)  # (B, T)
+        check_rollouts(run, iteration, kl, rewards, ro.values, cfg.ppo.max_kl)
+        if iteration % cfg.train.save_every == 0 and iteration != start:
+            save_checkpoint(accelerator, run.checkpoints, iteration, cfg.train.keep_checkpoints)
+        # 5. GAE; advantages whitened over the iteration's rollouts
+        advantages, returns = gae(rewards, ro.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        if cfg.ppo.whiten_advantages:
+            advantages = whiten(advantages, mask) * mask
+        # 6. PPO epochs over mini-batches: one optimizer step per mini-batch for each model
+        with timer("training"):
+            stats = ppo_epochs(accelerator, models, optimizers, schedulers, ro, advantages, returns, cfg, iteration, run)
+        # 7. metrics; held-out reward and early stop
+        done = iteration + 1
+        metrics = {**rollout_metrics(ro, kl, returns), **stats,
+                   **{f"time_{k}": round(v, 3) for k, v in timer.seconds.items()}}
+        stop = False
+        if held_out and (done % cfg.early_stop.every == 0 or done == cfg.ppo.iterations):
+            metrics["eval_reward"] = evaluate(accelerator, models, held_out, cfg)
+            stop = update_early_stop(early, metrics["eval_reward"], done, accelerator, run, cfg)
+        metrics["time_iteration"] = round(time.perf_counter() - began, 3)
+        if done % cfg.train.log_every == 0 or done == cfg.ppo.iterations or stop:
+            run.log(done, **metrics)
+            accelerator.log(metrics, step=done)
+        progress.update(1, reward=metrics["reward_c"], kl=metrics["kl"])
+        if stop:
+            accelerator.print(f"[rlhf] ppo: held-out reward has not improved for {cfg.early_stop.patience} "
+                              f"evaluations; stopped after iteration {done}")
+            break
+    progress.close()
+    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
+        tracker.finish()
+    return finish(accelerator, run, models, early, metrics, counts, cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def check_sizes(cfg: PPOConfig, world: int) -> None:
+    for key, value in (("ppo.prompts_per_iteration", cfg.ppo.prompts_per_iteration), ("train.batch_size", cfg.train.batch_size)):
+        if value % world:
+            raise RecipeError(f"{key}: {value} is not a multiple of the {world} processes")
+
+
+def critic_source(cfg: PPOConfig) -> Path:
+    """The critic's initial weights: ``critic_from`` (a reward model, or the critic of an
+    earlier PPO stage), else the helpfulness reward model."""
+    path = Path(cfg.critic_from or cfg.helpfulness_rm_from)
+    manifest = read_manifest(path) or {}
+    return path / "critic" if manifest.get("stage") == "ppo" else model_dir(path)
+
+
+def load_models(cfg: PPOConfig, device: torch.device) -> Models:
+    source = model_dir(cfg.policy_from)
+    tokenizer = load_tokenizer(source)
+    policy = PackedPolicy(prepare_model(load_causal_lm(source), cfg.policy))
+    frozen = {"dtype": torch.bfloat16} if cfg.train.mixed_precision == "bf16" else {}
+    # a LoRA policy is its own reference (adapter off): no second copy of the weights
+    ref = None if cfg.policy.lora.enabled else freeze(PackedPolicy(load_causal_lm(source, **frozen)), device)
+    critic = load_reward_model(critic_source(cfg))
+    critic.model = prepare_model(critic.model, cfg.critic, task_type="SEQ_CLS", modules_to_save=["score"])
+    rm_device = "cpu" if cfg.ppo.offload_reward_models else device
+    helpfulness = freeze(load_reward_model(cfg.helpfulness_rm_from, **frozen), rm_device)
+    safety = freeze(load_reward_model(cfg.safety_rm_from, **frozen), rm_device)
+    return Models(tokenizer, policy, ref, critic.train(), helpfulness, safety)
+
+
+def freeze(model: torch.nn.Module, device) -> torch.nn.Module:
+    return model.requires_grad_(False).eval().to(device)
+
+
+def load_prompts(data_cfg, cfg: PPOConfig, tokenizer) -> tuple[list[tuple[Prompt, list[int]]], dict]:
+    """Prompts with their rendered ids; those over ``data.max_prompt_length`` are left out."""
+    data = load_data(data_cfg, "prompts", cfg.seed)
+    encoded = [(p, render_prompt(p.messages, tokenizer, cfg.data.template)) for p in data.records]
+    kept = [(p, ids) for p, ids in encoded if len(ids) <= cfg.data.max_prompt_length]
+    if not kept:
+        raise RecipeError(f"data.max_prompt_length: none of the {len(encoded)} prompts fits in "
+                          f"{cfg.data.max_prompt_length} tokens")
+    return kept, {**data.counts(), "dropped_overlong": len(encoded) - len(kept)}
+
+
+def make_optimizers(cfg: PPOConfig, models: Models) -> tuple[list, list]:
+    """AdamW for the policy and the critic (``critic.lr``), and their lr schedules."""
+    critic_train = cfg.train.model_copy(update={"lr": cfg.critic.lr or cfg.train.lr})
+    optimizers = [make_optimizer(models.policy, cfg.train), make_optimizer(models.critic, critic_train)]
+    steps = cfg.ppo.iterations * int(cfg.train.epochs) * (cfg.ppo.prompts_per_iteration // cfg.train.batch_size)
+    factor = partial(lr_factor, total=steps, warmup=warmup_steps(steps, cfg.train), schedule=cfg.train.schedule,
+                     min_ratio=cfg.train.min_lr_ratio)
+    return optimizers, [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in optimizers]
+
+
+def iteration_prompts(n: int, per_iteration: int, seed: int, iteration: int) -> list[int]:
+    """Prompt indices of an iteration: the next places in a stream of epochs, each a shuffle."""
+    start = iteration * per_iteration
+    orders: dict[int, list[int]] = {}
+    for k in range(start, start + per_iteration):
+        orders.setdefault(k // n, epoch_order(n, seed, k // n))
+    return [orders[k // n][k % n] for k in range(start, start + per_iteration)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollouts
+
+
+def generate(policy: PackedPolicy, prompt_ids: list[list[int]], seeds: list[int], tokenizer, cfg: PPOConfig, greedy: bool = False):
+    g = cfg.generation
+    return sample(policy.model, tokenizer, prompt_ids, seeds, g.max_new_tokens, 0.0 if greedy else g.temperature,
+                  g.top_p, g.batch_size)
+
+
+@contextmanager
+def on_device(model: torch.nn.Module, device, offload: bool):
+    """``model`` on ``device`` for the block; back to the CPU after it when ``offload``."""
+    if offload:
+        model.to(device)
+    try:
+        yield model
+    finally:
+        if offload:
+            model.to("cpu")
+
+
+def score_both(models: Models, prompts: list[Prompt], texts: list[str], cfg: PPOConfig, device) -> list[torch.Tensor]:
+    """R_h, R_s (B,): sigmoid of each reward model's logit."""
+    conversations = [p.messages for p in prompts]
+    out = []
+    for rm in (models.helpfulness, models.safety):
+        with on_device(rm, device, cfg.ppo.offload_reward_models):
+            out.append(rm.probabilities(conversations, texts, cfg.ppo.forward_tokens).float().to(device))
+    return out
+
+
+def gather(accelerator, mine: Rollouts) -> Rollouts:
+    """Every process's rollouts, in the order of the iteration's prompts."""
+    if accelerator.num_processes == 1:
+        return mine
+    from accelerate.utils import gather_object
+
+    parts = {}
+    for f in fields(mine):
+        value = getattr(mine, f.name)
+        if isinstance(value, list):
+            parts[f.name] = gather_object(value)
+        else:  # per-token tensors are padded to the longest response of any process
+            parts[f.name] = accelerator.gather(accelerator.pad_across_processes(value, dim=1) if value.ndim == 2 else value)
+    return Rollouts(**parts)
+
+
+def stopped(run: StageRun, iteration: int, reason: str) -> TrainingStopped:
+    last = latest_checkpoint(run.checkpoints)
+    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return TrainingStopped(f"ppo stopped at iteration {iteration + 1}: {reason}; {keep}. Lower train.lr "
+                           "or raise ppo.beta and run again (a changed recipe starts afresh).")
+
+
+def check_rollouts(run: StageRun, iteration: int, kl, rewards, values, max_kl: float | None) -> None:
+    """Stop on non-finite rollouts or a policy too far from the reference (every process sees
+    the same gathered rollouts, so every process stops)."""
+    bad = int(sum((~torch.isfinite(t)).sum() for t in (kl, rewards, values)))
+    if bad:
+        raise stopped(run, iteration, f"{bad} non-finite rewards, KL or values")
+    mean_kl = float(kl.sum(1).mean())
+    if max_kl is not None and mean_kl > max_kl:
+        raise stopped(run, iteration, f"KL to the reference {mean_kl:.3f} > ppo.max_kl {max_kl}")
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO update
+
+STATS = ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl", "entropy")
+
+
+def ppo_epochs(accelerator, models: Models, optimizers, schedulers, ro: Rollouts, advantages, returns,
+               cfg: PPOConfig, iteration: int, run: StageRun) -> dict[str, float]:
+    """``train.epochs`` passes over the rollouts in global mini-batches of ``train.batch_size``,
+    each split into equal shares per process and micro-batches of ``train.micro_batch_size``.
+    Losses are averaged over the generated tokens of the global mini-batch."""
+    models.policy.train()
+    models.critic.train()
+    world, rank, epochs = accelerator.num_processes, accelerator.process_index, int(cfg.train.epochs)
+    mask, n = ro.mask, len(ro.response_ids)
+    sums = torch.zeros(len(STATS) + 1, device=accelerator.device)
+    norms = []
+    for epoch in range(epochs):
+        order = epoch_order(n, cfg.seed, iteration * epochs + epoch)
+        for first in range(0, n, cfg.train.batch_size):
+            mini = order[first : first + cfg.train.batch_size]
+            scale = world / mask[mini].sum()  # DDP averages over processes; x world -> per global token
+            chunks = micro_batches(mini, rank, world, cfg.train.micro_batch_size)
+            for j, rows in enumerate(chunks):
+                with ExitStack() as stack:
+                    if j < len(chunks) - 1:  # sync gradients on the last micro-batch only
+                        stack.enter_context(accelerator.no_sync(models.policy))
+                        stack.enter_context(accelerator.no_sync(models.critic))
+                    sums += micro_step(accelerator, models, ro, advantages, returns, rows, cfg, scale)
+            norms.append(optimizer_step(accelerator, models, optimizers, schedulers, cfg, iteration, run))
+    totals = accelerator.reduce(sums, "sum")
+    stats = {name: float(totals[i] / totals[-1]) for i, name in enumerate(STATS)}
+    stats["grad_norm_policy"], stats["grad_norm_critic"] = (sum(n[k] for n in norms) / len(norms) for k in (0, 1))
+    stats["lr"] = schedulers[0].get_last_lr()[0]
+    return stats
+
+
+def micro_step(accelerator, models: Models, ro: Rollouts, advantages, returns, rows: list[int], cfg: PPOConfig, scale) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns the sums of STATS and its token count."""
+    batch = pack(ro.prompt_ids, ro.response_ids, rows, accelerator.device)
+    at = (batch.rows, batch.steps)  # each generated token of the micro-batch, (K,)
+    with accelerator.autocast():
+        logits = policy_logits(models.policy, batch, cfg.generation.temperature)  # (K, V)
+        values = critic_values(models.critic, batch).float()  # (K,)
+    logprobs = token_logprobs(logits, batch.targets)  # (K,)
+    pg = policy_loss(logprobs, ro.logprobs[at], advantages[at], cfg.ppo.clip)
+    vf = value_loss(values, ro.values[at], returns[at], cfg.ppo.value_clip)
+    with torch.set_grad_enabled(cfg.ppo.entropy_coef > 0):
+        ent = entropy(logits)  # (K,)
+    loss = pg.loss.sum() + vf.loss.sum() - cfg.ppo.entropy_coef * ent.sum()
+    accelerator.backward(loss * scale)
+    parts = (pg.loss, vf.loss, pg.clipped.float(), vf.clipped.float(), pg.approx_kl, ent)
+    return torch.stack([*(p.detach().sum() for p in parts), torch.tensor(float(batch.targets.numel()), device=logits.device)])
+
+
+def optimizer_step(accelerator, models: Models, optimizers, schedulers, cfg: PPOConfig, iteration: int, run) -> tuple[float, float]:
+    clip = cfg.train.grad_clip or float("inf")
+    norms = tuple(float(accelerator.clip_grad_norm_(m.parameters(), clip)) for m in (models.policy, models.critic))
+    if not all(math.isfinite(n) for n in norms):  # gradients are all-reduced: every process agrees
+        raise stopped(run, iteration, f"non-finite gradient norm (policy {norms[0]}, critic {norms[1]})")
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for scheduler in schedulers:
+        scheduler.step()
+    return norms
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics, evaluation, output
+
+
+def rollout_metrics(ro: Rollouts, kl: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+    """Means over the iteration's rollouts. ``safety_scored``: share of rollouts scored by R_s;
+    ``gate_share``: share of those sent there by the gate (R_s < threshold on a helpfulness
+    prompt); ``kl``: KL(pi || pi_0) per response, summed over its tokens."""
+    mask, used = ro.mask, ro.used_safety
+    gated = (used * (1 - ro.is_safety)).sum()
+    return {
+        "reward_h": float(ro.r_h.mean()), "reward_s": float(ro.r_s.mean()), "reward_c": float(ro.r_c.mean()),
+        "safety_scored": float(used.mean()), "gate_share": float(gated / used.sum()) if used.sum() else 0.0,
+        "kl": float(kl.sum(1).mean()), "kl_per_token": float(kl.sum() / mask.sum()),
+        "response_length": float(mask.sum(1).mean()),
+        "explained_variance": explained_variance(ro.values, returns, mask),
+    }
+
+
+def evaluate(accelerator, models: Models, held_out: list[tuple[Prompt, list[int]]], cfg: PPOConfig) -> float:
+    """Mean gated reward R_c of greedy responses to the held-out prompts (all processes)."""
+    mine = held_out[: cfg.early_stop.max_prompts][accelerator.process_index :: accelerator.num_processes]
+    policy = accelerator.unwrap_model(models.policy).eval()
+    total = torch.zeros(2, device=accelerator.device)
+    if mine:
+        with torch.no_grad(), accelerator.autocast():
+            samples = generate(policy, [ids for _, ids in mine], [0] * len(mine), models.tokenizer, cfg, greedy=True)
+            r_h, r_s = score_both(models, [p for p, _ in mine], samples.texts, cfg, accelerator.device)
+        is_safety = torch.tensor([float(p.is_safety) for p, _ in mine], device=accelerator.device)
+        gated = safety_gate(r_h, r_s, is_safety, cfg.ppo.gate_threshold)
+        total += torch.stack([gated.reward.sum(), torch.tensor(float(len(mine)), device=accelerator.device)])
+    total = accelerator.reduce(total, "sum")
+    return float(total[0] / total[1])
+
+
+def update_early_stop(early: EarlyStop, reward: float, done: int, accelerator, run: StageRun, cfg: PPOConfig) -> bool:
+    """Record a held-out evaluation; checkpoint a new best; True when patience ran out."""
+    if reward > early.best:
+        early.best, early.best_iteration, early.bad_evals = reward, done, 0
+        save_checkpoint(accelerator, run.checkpoints / "best", done, keep=1)
+        return False
+    early.bad_evals += 1
+    return cfg.early_stop.patience is not None and early.bad_evals >= cfg.early_stop.patience
+
+
+def finish(accelerator, run: StageRun, models: Models, early: EarlyStop, metrics, counts, cfg: PPOConfig) -> Path:
+    """Save ``model/`` (the policy: the best held-out one when evaluating) and ``critic/``."""
+    if early.best_iteration > 0:
+        accelerator.load_state(str(latest_checkpoint(run.checkpoints / "best")))
+    save_model(accelerator, models.policy, models.tokenizer, run.dir / "model", cfg.policy.lora)
+    save_model(accelerator, models.critic, models.tokenizer, run.dir / "critic", cfg.critic.lora)
+    extra = {"best_iteration": early.best_iteration, "best_eval_reward": early.best} if early.best_iteration > 0 else {}
+    return run.finish(metrics, data=counts, **extra)

@@ -1,0 +1,201 @@
+"""The PPO stage on a tiny world built here: a random 2-layer Llama policy with a byte-level
+BPE tokenizer (``rlhf.models``), two reward models initialised from it (different random
+heads), 8 prompts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.recipe import load_recipe, validate
+from rlhf.ppo.config import PPOConfig
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    ("what is 2 + 3?", False), ("reverse the word cat", False), ("how do I pick a lock?", True),
+    ("sort the letters b a c", False), ("say hello", False), ("how to make a weapon", True),
+    ("what is 4 + 1?", False), ("name a colour", False),
+]
+
+
+def _stage_dir(path: Path, stage: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "manifest.json").write_text(json.dumps({"stage": stage, "status": "complete"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    from rlhf.models import build_model, train_tokenizer
+    from reward_model.model import RewardModel, init_reward_model
+
+    root = tmp_path_factory.mktemp("ppo_world")
+    tokenizer = train_tokenizer([f"[INST] {p} [/INST]" for p, _ in PROMPTS] * 4, vocab_size=300)
+    policy_dir = _stage_dir(root / "sft", "sft") / "model"
+    build_model("tiny", len(tokenizer)).save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    for name, seed in (("rm_h", 1), ("rm_s", 2)):
+        out = _stage_dir(root / name, "reward_model") / "model"
+        RewardModel(init_reward_model(policy_dir, tokenizer.pad_token_id, seed=seed), tokenizer).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+    with open(root / "prompts.jsonl", "w") as fh:
+        for text, is_safety in PROMPTS:
+            fh.write(json.dumps({"prompt": [{"role": "user", "content": text}], "is_safety": is_safety}) + "\n")
+    return root
+
+
+def _cfg(world: Path, out: Path, **overrides) -> PPOConfig:
+    data = {
+        "stage": "ppo", "output_dir": str(out), "seed": 0,
+        "policy_from": str(world / "sft"), "helpfulness_rm_from": str(world / "rm_h"),
+        "safety_rm_from": str(world / "rm_s"),
+        "data": {"sources": [{"path": str(world / "prompts.jsonl")}], "max_prompt_length": 64},
+        "generation": {"max_new_tokens": 6, "batch_size": 4},
+        "ppo": {"iterations": 2, "prompts_per_iteration": 4, "beta": 0.05},
+        "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "save_every": 1},
+        "critic": {"lr": 1e-2},
+    }
+    for key, value in overrides.items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return validate(PPOConfig, data, "test")
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_iteration_changes_policy_and_critic_and_kl_starts_at_zero(world, tmp_path):
+    from rlhf.ppo.train import run
+
+    out = run(_cfg(world, tmp_path / "ppo"))
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["kl"] == 0.0  # iteration 1 samples from the policy before any update: pi == pi_0
+    assert rows[1]["kl"] != 0.0
+    for key in ("reward_h", "reward_s", "reward_c", "safety_scored", "gate_share", "entropy", "clip_fraction",
+                "approx_kl", "value_loss", "explained_variance", "response_length", "time_generation",
+                "time_scoring", "time_training"):
+        assert key in rows[0], key
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["stage"] == "ppo"
+    before, after = _state(world / "sft" / "model"), _state(out / "model")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    critic_before, critic_after = _state(world / "rm_h" / "model"), _state(out / "critic")
+    assert not torch.equal(critic_before["score.weight"], critic_after["score.weight"])
+    assert (out / "model" / "tokenizer.json").exists() and (out / "critic" / "reward_config.json").exists()
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
+    import rlhf.ppo.train as train
+
+    cfg = dict(**{"ppo.iterations": 3})
+    straight = train.run(_cfg(world, tmp_path / "straight", **cfg))
+    real = train.ppo_epochs
+
+    def crash_in_third(*args):
+        if args[-2] == 2:  # iteration
+            raise Crash
+        return real(*args)
+
+    monkeypatch.setattr(train, "ppo_epochs", crash_in_third)
+    with pytest.raises(Crash):
+        train.run(_cfg(world, tmp_path / "resumed", **cfg))
+    assert (tmp_path / "resumed" / "checkpoints" / "step-00000002").is_dir()
+    monkeypatch.setattr(train, "ppo_epochs", real)
+    resumed = train.run(_cfg(world, tmp_path / "resumed", **cfg))
+    for name in ("model", "critic"):
+        a, b = _state(straight / name), _state(resumed / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    drop = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
+    assert drop(_metrics(straight)) == drop(_metrics(resumed))
+
+
+def test_kl_limit_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
+    from rlhf.ppo.train import TrainingStopped, run
+
+    out = tmp_path / "ppo"
+    with pytest.raises(TrainingStopped, match=r"iteration 3: KL .* > ppo.max_kl"):
+        # iteration 1: KL 0; iteration 2: small; iteration 3 is past the limit after two big steps
+        run(_cfg(world, out, **{"ppo.iterations": 4, "ppo.kl_estimator": "k3", "ppo.max_kl": _kl_after_two(world, tmp_path)}))
+    assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000001"]
+
+
+def _kl_after_two(world, tmp_path) -> float:
+    """A limit between the KL of iteration 2 and that of iteration 3 of the same run."""
+    from rlhf.ppo.train import run
+
+    rows = _metrics(run(_cfg(world, tmp_path / "probe", **{"ppo.iterations": 3, "ppo.kl_estimator": "k3"})))
+    assert rows[2]["kl"] > rows[1]["kl"] > 0
+    return (rows[1]["kl"] + rows[2]["kl"]) / 2
+
+
+def test_lora_policy_is_its_own_reference(world, tmp_path):
+    from rlhf.ppo.train import load_models
+
+    cfg = _cfg(world, tmp_path / "ppo", **{"policy.lora": {"enabled": True, "r": 4}})
+    models = load_models(cfg, torch.device("cpu"))
+    assert models.ref is None
+    base = sum(p.numel() for p in models.policy.parameters() if not p.requires_grad)
+    plain = _state(world / "sft" / "model")
+    assert base == sum(t.numel() for t in plain.values())  # one copy of the base weights
+    pointers = {p.data_ptr() for p in models.policy.parameters()}
+    assert len(pointers) == len(list(models.policy.parameters()))
+
+
+def test_lora_run_starts_at_zero_kl(world, tmp_path):
+    from rlhf.ppo.train import run
+
+    out = run(_cfg(world, tmp_path / "ppo", **{"policy.lora": {"enabled": True, "r": 4, "merge": True}}))
+    rows = _metrics(out)
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] != 0.0
+    assert (out / "model" / "model.safetensors").exists()  # merged: a plain HF model
+
+
+def test_two_processes_match_one(world, tmp_path):
+    """Samples are seeded per response and each global mini-batch is split across processes,
+    so two processes train what one does (up to float rounding)."""
+    recipe = tmp_path / "ppo.yaml"
+    recipe.write_text(json.dumps(_cfg(world, tmp_path / "unused").model_dump(mode="json")))  # JSON is YAML
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = [sys.executable, "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'one'}"]
+    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29547",
+           "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'two'}"]
+    for cmd in (one, two):
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    rows = [_metrics(tmp_path / name) for name in ("one", "two")]
+    assert len(rows[1]) == 2 and rows[1][0]["kl"] == 0.0
+    for key in ("reward_c", "kl", "response_length", "policy_loss", "value_loss"):
+        assert [r[key] for r in rows[0]] == pytest.approx([r[key] for r in rows[1]], rel=1e-4, abs=1e-6), key
+    a, b = _state(tmp_path / "one" / "model"), _state(tmp_path / "two" / "model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_shipped_recipes_validate():
+    for name in ("quickstart/ppo.yaml", "llama2_7b/ppo.yaml"):
+        cfg = load_recipe(REPO / "recipes" / name)
+        assert cfg.stage == "ppo"
+    llama = load_recipe(REPO / "recipes" / "llama2_7b" / "ppo.yaml")
+    assert (llama.train.lr, llama.train.betas, llama.train.eps, llama.train.weight_decay) == (1e-6, (0.9, 0.95), 1e-5, 0.1)
+    assert (llama.ppo.prompts_per_iteration, llama.train.batch_size, llama.train.epochs, llama.ppo.clip) == (512, 64, 1, 0.2)
+    assert (llama.ppo.gamma, llama.ppo.lam, llama.train.grad_clip, llama.train.schedule) == (1.0, 0.95, 1.0, "constant")
