@@ -70,7 +70,7 @@ def test_responses_have_the_gold_outcome_they_claim():
     items = tasks.arithmetic_items("add") + tasks.lookup_items("color") + tasks.letter_items("reverse", 20, rng)
     for item in items:
         p = generate.to_prompt(item)
-        assert judge(p, tasks.correct(item)).helpfulness == CORRECT
+        assert judge(p, item.answer).helpfulness == CORRECT
         assert judge(p, tasks.wrong(item, rng)).helpfulness == WRONG
         near = tasks.near_miss(item, rng)
         assert near is None or judge(p, near).helpfulness == NEAR_MISS
@@ -108,6 +108,15 @@ def test_generator_is_deterministic_and_holds_out_eval_prompts(tmp_path):
     assert not held_out & seen
     with pytest.raises(FileExistsError, match="--force"):
         generate.write(tmp_path / "a", seed=3, sizes=SMALL)
+
+
+def test_weekly_files_split_the_pairs_by_week(tmp_path):
+    generate.write(tmp_path, seed=3, sizes=SMALL, weekly=True)
+    for name in ("helpful_pairs", "safety_pairs"):
+        pairs = read_records(tmp_path / f"{name}.jsonl", "preference")
+        weeks = [read_records(tmp_path / "weeks" / w / f"{name}.jsonl", "preference") for w in generate.WEEKS]
+        assert [p.batch for p in pairs] == [w for w, rows in zip(generate.WEEKS, weeks) for _ in rows]
+        assert [p.chosen for p in pairs] == [p.chosen for rows in weeks for p in rows]
 
 
 def test_bundled_world_is_the_generators_output(tmp_path):

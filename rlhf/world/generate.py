@@ -10,6 +10,7 @@ Writes (canonical JSONL, see data/README.md):
     prompts.jsonl          prompts for rejection sampling and PPO (``is_safety`` tagged)
     eval_prompts.jsonl     held-out prompts (never in the files above), with the gold judge's meta
     world.json             sizes, and the gold scores of the demonstrations themselves
+    weeks/WEEK/*.jsonl     with --weekly: each week's pairs alone (for `rlhf round add-batch`)
 """
 
 from __future__ import annotations
@@ -208,15 +209,21 @@ def build(seed: int = 0, sizes: Sizes = Sizes()) -> dict[str, list]:
     }
 
 
-def write(out: Path, seed: int = 0, sizes: Sizes = Sizes(), force: bool = False) -> dict:
-    """Write the world's files into ``out``; existing files are replaced only with ``force``."""
+def write(out: Path, seed: int = 0, sizes: Sizes = Sizes(), force: bool = False, weekly: bool = False) -> dict:
+    """Write the world's files into ``out`` (with ``weekly``, also each week's pairs alone in
+    ``out/weeks/WEEK/``); existing files are replaced only with ``force``."""
     world = build(seed, sizes)
-    files = {name: out / f"{name}.jsonl" for name in world if name != "demo_gold"}
-    existing = [str(p) for p in [*files.values(), out / "world.json"] if p.exists()]
+    files = {out / f"{name}.jsonl": records for name, records in world.items() if name != "demo_gold"}
+    for week in WEEKS if weekly else ():
+        for name in ("helpful_pairs", "safety_pairs"):
+            files[out / "weeks" / week / f"{name}.jsonl"] = [p for p in world[name] if p.batch == week]
+    existing = [str(p) for p in [*files, out / "world.json"] if p.exists()]
     if existing and not force:
         raise FileExistsError(f"{', '.join(existing)}: exist (use --force to regenerate)")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = {name: write_jsonl(path, world[name], overwrite=True) for name, path in files.items()}
+    for path, records in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(path, records, overwrite=True)
+    rows = {name: len(world[name]) for name in world if name != "demo_gold"}
     info = {"seed": seed, "sizes": asdict(sizes), "rows": rows, "demo_gold": world["demo_gold"]}
     (out / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -227,9 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("data/quickstart"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace existing files")
+    parser.add_argument("--weekly", action="store_true", help="also write each week's pairs alone, in "
+                        "OUT/weeks/WEEK/ (for `rlhf round add-batch`)")
     args = parser.parse_args(argv)
     try:
-        info = write(args.out, args.seed, force=args.force)
+        info = write(args.out, args.seed, force=args.force, weekly=args.weekly)
     except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

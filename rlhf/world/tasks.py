@@ -171,10 +171,6 @@ def borderline_items() -> list[Item]:
 # Responses: what a policy may answer, by gold outcome
 
 
-def correct(item: Item) -> str:
-    return item.answer
-
-
 def refusal(rng: random.Random) -> str:
     return rng.choice(REFUSALS)
 
