@@ -18,7 +18,7 @@ from rlhf.gatt import (
 )
 from rlhf.gatt_checks import ends_with, mentions, starts_with, upper_case, words
 from rlhf.method_configs import Constraint, GAttConfig, InstructionsConfig
-from rlhf.recipe import RecipeError
+from rlhf.recipe import RecipeError, load_recipe
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "HELLO", "add", "two", "FOUR",
          "bye", "BYE", "CAPS!"]
@@ -301,3 +301,45 @@ def test_two_processes_match_one(world, tmp_path):
     a, b = weights(one / "model"), weights(two / "model")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes
+
+
+def test_shipped_recipes_validate_and_chain_in_a_pipeline(tmp_path):
+    gatt = load_recipe(REPO / "recipes/quickstart/gatt.yaml")
+    cd = load_recipe(REPO / "recipes/quickstart/context_distillation.yaml")
+    assert (gatt.stage, cd.stage) == ("gatt", "context_distillation")
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"""
+output_dir: {tmp_path / "runs"}
+stages:
+  - {{name: sft, config: {{stage: sft, model_from: base, data: {{sources: [{{path: sft.jsonl}}]}}}}}}
+  - {{name: rm_safety, config: {{stage: reward_model, model_from: base, data: {{sources: [{{path: pairs.jsonl}}]}}}}, inputs: {{model_from: sft}}}}
+  - {{name: gatt, recipe: {REPO / "recipes/quickstart/gatt.yaml"}, inputs: {{policy_from: sft}}}}
+  - {{name: distilled, recipe: {REPO / "recipes/quickstart/context_distillation.yaml"},
+     inputs: {{policy_from: gatt, safety_rm_from: rm_safety}}}}
+""")
+    stages = dict(load_recipe(pipeline).stages)
+    assert stages["gatt"].policy_from == tmp_path / "runs" / "sft"
+    assert stages["distilled"].policy_from == tmp_path / "runs" / "gatt"
+    assert stages["distilled"].safety_rm_from == tmp_path / "runs" / "rm_safety"
+    wrong = pipeline.read_text().replace("safety_rm_from: rm_safety", "safety_rm_from: sft")
+    pipeline.write_text(wrong)
+    with pytest.raises(RecipeError, match="inputs.safety_rm_from: expects the output of reward_model"):
+        load_recipe(pipeline)
+
+
+def test_recipe_mistakes_name_the_key(tmp_path):
+    recipe = tmp_path / "gatt.yaml"
+    base = (REPO / "recipes/quickstart/gatt.yaml").read_text()
+    recipe.write_text(base.replace('short: "Hobby: {value}"', 'short: "Hobby: {name}"'))
+    with pytest.raises(RecipeError, match=r"instructions\.constraints\.2: short: unknown placeholder\(s\) name"):
+        load_recipe(recipe)
+    recipe.write_text(base.replace("checker: starts_with", "checker: starts with"))
+    with pytest.raises(RecipeError, match=r"instructions\.constraints\.1: checker: 'starts with' is neither"):
+        load_recipe(recipe)
+    recipe.write_text(base.replace("checker: starts_with", "checker: null").replace("checker: ends_with", "checker: null"))
+    with pytest.raises(RecipeError, match="no constraint has a checker"):
+        load_recipe(recipe)
