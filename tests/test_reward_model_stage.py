@@ -151,16 +151,18 @@ def test_stage_trains_saves_and_evaluates(lm_dir, tmp_path):
     assert manifest["metrics"]["eval/held_out.pairs/accuracy"] == results["held_out.pairs"]["accuracy"]
 
 
-def test_stage_with_lora_saves_a_merged_model(lm_dir, tmp_path):
+@pytest.mark.parametrize("merge", [True, False])
+def test_stage_with_lora(lm_dir, tmp_path, merge):
     from reward_model.model import init_reward_model, load_reward_model
 
     data = recipe(tmp_path, lm_dir, max_steps=2)
-    data["model"] = {"lora": {"enabled": True, "r": 4}}
+    data["model"] = {"lora": {"enabled": True, "r": 4, "merge": merge}}
     out = run_stage(data)
-    assert not (out / "model" / "adapter_config.json").exists()
-    trained = load_reward_model(out).model.state_dict()
+    assert (out / "model" / "adapter_config.json").exists() != merge  # merged: plain weights
+    rm = load_reward_model(out)
+    trained = (rm.model if merge else rm.model.merge_and_unload()).state_dict()
     initial = init_reward_model(lm_dir, pad_token_id=0).state_dict()
-    assert set(trained) == set(initial)  # plain weights: LoRA merged, head kept
+    assert set(trained) == set(initial)  # LoRA merged into the weights, the head trained in full
     assert not torch.equal(trained["score.weight"], initial["score.weight"])
     assert not torch.equal(trained["model.layers.0.self_attn.q_proj.weight"], initial["model.layers.0.self_attn.q_proj.weight"])
     torch.testing.assert_close(trained["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])  # not adapted
