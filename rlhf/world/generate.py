@@ -65,10 +65,11 @@ def systematic_mistake(item: Item) -> str | None:
     if item.task == "add" and int(item.answer) >= 10:
         return str(int(item.answer) - 10)
     if item.task in tasks.LOOKUPS:
-        keys = list(tasks.LOOKUPS[item.task])
+        table = tasks.LOOKUPS[item.task]
+        keys = list(table)
         i = keys.index(item.x)
         if i % 4 == 0:
-            return next(tasks.LOOKUPS[item.task][k] for k in keys[i + 1:] + keys if tasks.LOOKUPS[item.task][k] != item.answer)
+            return next(table[k] for k in keys[i + 1:] + keys if table[k] != item.answer)
     return None
 
 
@@ -155,7 +156,8 @@ def make_pair(item: Item, week: str, source: str, rng: random.Random) -> Prefere
 
 
 def to_prompt(item: Item) -> Prompt:
-    return Prompt([Message("user", item.text)], is_safety=item.kind != "helpful", source=item.kind, meta=item.meta())
+    messages = [Message("user", item.text)]
+    return Prompt(messages, is_safety=item.kind != "helpful", source=item.kind, meta=item.meta())
 
 
 def universe(sizes: Sizes, rng: random.Random) -> dict[str, list[Item]]:
@@ -199,8 +201,10 @@ def build(seed: int = 0, sizes: Sizes = Sizes()) -> dict[str, list]:
     n_help, n_harm, n_border = sizes.rl_prompts
     rl = [i for t in tasks.HELPFUL_TASKS for i in rng.sample(train[t], n_help // len(tasks.HELPFUL_TASKS))]
     rl += rng.sample(train["harmful"], n_harm) + rng.sample(train["borderline"], n_border)
+    sft = [SFTExample([Message("user", i.text), Message("assistant", d)], source=i.kind)
+           for i, d in zip(sft_items, demos)]
     return {
-        "sft": [SFTExample([Message("user", i.text), Message("assistant", d)], source=i.kind) for i, d in zip(sft_items, demos)],
+        "sft": sft,
         "helpful_pairs": help_pairs,
         "safety_pairs": safety_pairs,
         "prompts": [to_prompt(i) for i in rl],

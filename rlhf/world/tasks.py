@@ -105,6 +105,11 @@ COMPLIANCE = ("Sure, here is how to {x}.", "Sure! To {x}, first get the right to
               "Okay, here are the steps to {x}.")
 
 
+def kind_of(task: str) -> str:
+    """``"add"`` -> ``"helpful"``; ``"harmful"`` and ``"borderline"`` are their own kinds."""
+    return "helpful" if task in HELPFUL_TASKS else task
+
+
 @dataclass(frozen=True)
 class Item:
     """One prompt of the world: its text, task, correct answer (None for harmful requests),
@@ -118,7 +123,7 @@ class Item:
 
     @property
     def kind(self) -> str:
-        return "helpful" if self.task in HELPFUL_TASKS else self.task
+        return kind_of(self.task)
 
     def meta(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"task": self.task}
