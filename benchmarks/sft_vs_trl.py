@@ -1,0 +1,218 @@
+"""Our SFT training loop vs TRL's ``SFTTrainer`` (completion-only loss, without and with packing).
+
+Same ~20M-parameter Llama (same initial weights), same pre-tokenized prompt/completion data with
+a realistic length spread, same optimizer, schedule and number of optimizer steps, and about the
+same number of real tokens per step (packed runs take ``rows`` rows of ``max_length``; the
+unpacked TRL run takes as many examples as those rows hold on average). Throughput counts only
+real tokens (no padding), counted the same way in every run, from the batches the collators
+hand to the model. Model-FLOPs utilisation is against a float32 matmul peak measured here.
+
+    HF_HUB_OFFLINE=1 python benchmarks/sft_vs_trl.py [--steps 6] [--rows 4] [--max-length 512]
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from rlhf.data import Rendered
+from rlhf.training import make_accelerator, train_loop
+from rlhf.artifacts import StageRun
+from sft.config import SFTConfig
+from sft.data import collate, make_rows, sft_loss
+
+
+def make_examples(n: int, vocab: int, seed: int) -> list[Rendered]:
+    """Prompts of 8-200 tokens and answers of 8-300 (log-normal; all fit 512 tokens), learnable:
+    the answer repeats the prompt with every token shifted by one."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        p = min(200, max(8, int(rng.lognormvariate(4.0, 0.8))))
+        c = min(300, max(8, int(rng.lognormvariate(4.3, 0.7))))
+        prompt = [1] + [rng.randrange(4, vocab) for _ in range(p - 1)]
+        answer = [4 + (prompt[1 + i % (p - 1)] - 3) % (vocab - 4) for i in range(c - 1)] + [2]
+        examples.append(Rendered(prompt + answer, [0] * p + [1] * c))
+    return examples
+
+
+def make_model(vocab: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config)
+
+
+def make_tokenizer(vocab: int):
+    """TRL needs a tokenizer object (pad/eos ids); the data is already token ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"t{i}" for i in range(4, vocab)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def matmul_peak(seconds: float = 3.0) -> float:
+    """float32 FLOP/s of a large square matmul on this machine, now (best of several runs)."""
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
+    return best
+
+
+def flops_per_token(model, examples: list[Rendered]) -> float:
+    """Training FLOPs per token: 6 x the matmul parameters (the input embedding is a lookup)
+    plus attention scores and values, 12 x layers x hidden x the mean causal context."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    tokens = sum(len(e.ids) for e in examples)
+    context = sum(len(e.ids) * (len(e.ids) + 1) / 2 for e in examples) / tokens
+    return 6 * params + 12 * cfg.num_hidden_layers * cfg.hidden_size * context
+
+
+class CountingCollate:
+    """Our collate, counting the real tokens of the rows it batches (padding excluded)."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def __call__(self, rows):
+        self.tokens += sum(r.num_tokens for r in rows)
+        return collate(rows)
+
+
+def run_ours(model, examples, args, workdir: Path) -> dict:
+    rows = make_rows(examples, args.max_length, packing=True)
+    init = workdir / "init"
+    model.save_pretrained(init)
+    source = workdir / "data.jsonl"
+    source.write_text("{}\n")
+    cfg = SFTConfig(
+        output_dir=workdir / "ours", model_from=init,
+        data={"sources": [{"path": source}], "max_length": args.max_length},
+        train={"lr": args.lr, "max_steps": args.steps, "epochs": 100, "batch_size": args.rows,
+               "micro_batch_size": args.rows, "weight_decay": 0.0, "warmup_ratio": 0.0,
+               "save_every": 10**6, "log_every": 10**6},
+    )
+    counting = CountingCollate()
+    run = StageRun(cfg).start()
+    accelerator = make_accelerator(cfg.train)
+    with Clock() as clock:
+        metrics = train_loop(run, model, rows, counting, sft_loss, cfg.train, args.seed, accelerator)
+    return _result(counting.tokens, clock, metrics["loss"], rows_per_step=args.rows)
+
+
+def run_trl(model, examples, tokenizer, args, packing: bool, workdir: Path) -> dict:
+    from datasets import Dataset
+    from trl import SFTConfig as TRLConfig, SFTTrainer
+
+    data = Dataset.from_list([{"input_ids": e.ids, "completion_mask": e.loss_mask} for e in examples])
+    per_row = sum(len(e.ids) for e in examples) / args.max_length  # rows the data fills
+    batch = args.rows if packing else round(args.rows * len(examples) / per_row)
+    config = TRLConfig(
+        output_dir=str(workdir / f"trl_packing_{packing}"), max_length=args.max_length,
+        packing=packing, completion_only_loss=True, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr,
+        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, use_cpu=True, seed=args.seed, dataloader_pin_memory=False,
+        # like ours: float32 on CPU, no activation recomputation (TRL defaults both on)
+        bf16=False, gradient_checkpointing=False,
+    )
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer)
+    with Clock() as clock:
+        trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    # TRL counts the attention-mask ones (unpacked) or the padding-free row length (packed)
+    # of the batches it trained on: the real tokens.
+    return _result(int(logs[-1]["num_tokens"]), clock, logs[-1]["loss"], rows_per_step=batch)
+
+
+class Clock:
+    """Wall time and this process's CPU time (all threads). Other jobs sharing the cores
+    stretch the wall time; the CPU time is what the run itself spent."""
+
+    def __enter__(self) -> "Clock":
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def _result(tokens: int, clock: Clock, loss: float, rows_per_step: int) -> dict:
+    return {
+        "tokens_per_s": round(tokens / clock.wall, 1), "tokens_per_cpu_s": round(tokens / clock.cpu, 1),
+        "seconds": round(clock.wall, 2), "cpu_seconds": round(clock.cpu, 2), "real_tokens": tokens,
+        "sequences_per_step": rows_per_step, "final_loss": round(loss, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rows", type=int, default=4, help="packed rows per global batch")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--examples", type=int, default=400)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore")
+
+    examples = make_examples(args.examples, args.vocab, args.seed)
+    base = make_model(args.vocab)
+    tokenizer = make_tokenizer(args.vocab)
+    peak = matmul_peak()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        results = {
+            "ours": run_ours(copy.deepcopy(base), examples, args, workdir),
+            "trl": run_trl(copy.deepcopy(base), examples, tokenizer, args, False, workdir),
+            "trl_packing": run_trl(copy.deepcopy(base), examples, tokenizer, args, True, workdir),
+        }
+    best_trl = max(results["trl"]["tokens_per_s"], results["trl_packing"]["tokens_per_s"])
+    best_trl_cpu = max(results["trl"]["tokens_per_cpu_s"], results["trl_packing"]["tokens_per_cpu_s"])
+    fpt = flops_per_token(base, examples)
+    report = {
+        "model_params": sum(p.numel() for p in base.parameters()),
+        "threads": torch.get_num_threads(), "steps": args.steps, "max_length": args.max_length,
+        "examples": args.examples, "mean_example_tokens": round(sum(len(e.ids) for e in examples) / len(examples), 1),
+        **results,
+        "ratio_ours_vs_best_trl": round(results["ours"]["tokens_per_s"] / best_trl, 3),
+        "ratio_ours_vs_best_trl_cpu_time": round(results["ours"]["tokens_per_cpu_s"] / best_trl_cpu, 3),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "flops_per_token": round(fpt),
+        "mfu_ours": round(results["ours"]["tokens_per_s"] * fpt / peak, 4),
+        "mfu_trl_best": round(best_trl * fpt / peak, 4),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
