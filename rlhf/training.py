@@ -187,6 +187,7 @@ def save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int) -> Non
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step, from an earlier run
         os.replace(tmp, final)
         for old in sorted(checkpoints.glob("step-*"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
