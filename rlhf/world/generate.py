@@ -234,7 +234,8 @@ def write(out: Path, seed: int = 0, sizes: Sizes = Sizes(), force: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rlhf.world.generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m rlhf.world.generate",
+                                     description="Generate the quickstart world's data files (deterministic for a seed).")
     parser.add_argument("--out", type=Path, default=Path("data/quickstart"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace existing files")
