@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the JSON, Markdown and plots into this directory")
     p.set_defaults(func=_cmd_eval_rm)
 
+    p = sub.add_parser("eval-gold", help="quickstart world: gold helpfulness, safety, false refusals of a policy (JSON)")
+    p.add_argument("model_dir", help="a policy stage directory or a Hugging Face model directory")
+    p.add_argument("--prompts", help="held-out prompts (default: data/quickstart/eval_prompts.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.set_defaults(func=_cmd_eval_gold)
+
     p = sub.add_parser("report", help="write the progress report of a pipeline or rounds directory")
     p.add_argument("dir", type=Path)
     p.set_defaults(func=_cmd_report)
@@ -89,6 +95,13 @@ def _cmd_eval_rm(args: argparse.Namespace) -> int:
     from reward_model.evaluate import run_eval_rm
 
     print_json(run_eval_rm(args.model_dir, args.data, args.format, args.threshold, args.max_pairs, args.out))
+    return 0
+
+
+def _cmd_eval_gold(args: argparse.Namespace) -> int:
+    from rlhf.world.gold import evaluate_gold
+
+    print_json(evaluate_gold(args.model_dir, args.prompts, args.max_new_tokens))
     return 0
 
 

@@ -157,7 +157,7 @@ class BaseModelConfig(StageConfig):
         model: {size: tiny}
     """
 
-    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {"from_pretrained": ("hf",)}
+    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {"from_pretrained": ("hf",), "tokenizer.corpus": ()}
 
     stage: Literal["base_model"] = "base_model"
     output_dir: Path = Path("runs/base_model")

@@ -112,7 +112,9 @@ class StageConfig(Strict):
                 found.update({f"{key[:-2]}.{name}": (Path(v), kinds) for name, v in group.items()})
                 continue
             value = get_dotted(self, key)
-            if value is not None:
+            if isinstance(value, (list, tuple)):  # a list of input files
+                found.update({f"{key}.{i}": (Path(v), kinds) for i, v in enumerate(value)})
+            elif value is not None:
                 found[key] = (Path(value), kinds)
         for key, value in _nested_paths(self, ""):
             found.setdefault(key, (value, ()))

@@ -53,3 +53,10 @@ def test_real_tinystories_checkpoint_is_copied_in(tmp_path, realdata):
     assert load_tokenizer(out / "model").bos_token_id == 1
     with pytest.raises(Exception, match="give either from_pretrained"):
         load_recipe(recipe, ["tokenizer.corpus=[x]"])
+
+
+def test_corpus_files_are_fingerprinted_inputs(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stage: base_model\ntokenizer: {{corpus: [{tmp_path / 'a.jsonl'}, {tmp_path / 'b.txt'}]}}\n")
+    paths = load_recipe(recipe).input_paths()
+    assert paths["tokenizer.corpus.0"] == (tmp_path / "a.jsonl", ()) and "tokenizer.corpus.1" in paths
