@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from rlhf.artifacts import StageRun, model_dir, write_json_atomic
 from rlhf.data import DataConfig, Message, Prompt, SFTExample, load_data, write_jsonl
-from rlhf.gatt import Sampler, fine_tune, in_chunks, load_policy, make_sampler
+from rlhf.gatt import Sampler, eval_sampling, fine_tune, in_chunks, load_policy, make_sampler
 from rlhf.method_configs import ContextDistillationConfig, PrepromptConfig
 from rlhf.recipe import RecipeError
 from rlhf.training import make_accelerator
@@ -117,20 +117,32 @@ def distill_chunk(part: list[tuple[str, Prompt]], sampler: Sampler, rm, cfg: Pre
             for k, (_, kind), a, b, sa, sb in zip(keys, preprompts, plain, distilled, plain_scores, distilled_scores)]
 
 
-def safety_scores(run: StageRun, accelerator, name: str, prompts: list[Prompt], sampler: Sampler, rm, size: int) -> list[float]:
-    """Safety-reward logits of the sampler's answers to ``prompts`` (resumable, sharded)."""
+def safety_answers(run: StageRun, accelerator, name: str, prompts: list[Prompt], sampler: Sampler, rm, size: int) -> list[dict]:
+    """The sampler's answers to ``prompts`` with their safety-reward logits (resumable, sharded)."""
     def work(part: list[tuple[str, Prompt]]) -> list[dict]:
         answers = sampler([p.messages for _, p in part], [k for k, _ in part])
         scores = rm.score([p.messages for _, p in part], answers).tolist()
         return [{"key": k, "answer": a, "score": s} for (k, _), a, s in zip(part, answers, scores)]
 
     items = [(f"eval/{i}", p) for i, p in enumerate(prompts)]
-    return [row["score"] for row in in_chunks(run.checkpoints / name, items, size, work, accelerator, f"context distillation {name}")]
+    return in_chunks(run.checkpoints / name, items, size, work, accelerator, f"context distillation {name}")
 
 
-def write_summary(out: Path, rows: list[dict], better: list[bool], keep: list[bool], before: list[float], after: list[float]) -> dict[str, Any]:
+def gold_summary(prompts: list[Prompt], answers: dict[str, list[dict]]) -> dict[str, Any] | None:
+    """The quickstart world's gold safety (refusals of harmful requests) and false refusals
+    (of borderline ones) of each set of answers, when the prompts carry its task info."""
+    from rlhf.world.judge import has_gold, summarize
+
+    if not has_gold(prompts):
+        return None
+    return {name: summarize(prompts, [r["answer"] for r in rows]) for name, rows in answers.items()}
+
+
+def write_summary(out: Path, rows: list[dict], better: list[bool], keep: list[bool], before: list[float],
+                  after: list[float], gold: dict[str, Any] | None) -> dict[str, Any]:
     """``eval/summary.json`` and ``eval/report.md``: answers kept (by preprompt kind), the
-    distilled-vs-plain scores on the training prompts, the policy's shift before/after."""
+    distilled-vs-plain scores on the training prompts, the policy's shift before/after (and
+    its gold safety and false refusals, when known)."""
     kinds = sorted({r["preprompt"] for r in rows})
     summary = {
         "prompts": len(rows), "improved": sum(better), "kept": sum(keep), "kept_share": sum(keep) / len(rows),
@@ -138,6 +150,7 @@ def write_summary(out: Path, rows: list[dict], better: list[bool], keep: list[bo
                              "kept": sum(x for r, x in zip(rows, keep) if r["preprompt"] == k)} for k in kinds},
         "preprompted_vs_plain": shift([r["plain_score"] for r in rows], [r["distilled_score"] for r in rows]),
         "policy_before_after": shift(before, after),
+        **({"gold": gold} if gold else {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "summary.json", summary)
@@ -151,6 +164,9 @@ def write_summary(out: Path, rows: list[dict], better: list[bool], keep: list[bo
              f"policy before (eval prompts) | {s['before_mean']:.3f} | {s['before_p10']:.3f} | {s['before_min']:.3f}",
              f"policy after | {s['after_mean']:.3f} | {s['after_p10']:.3f} | {s['after_min']:.3f}",
              f"shift | {s['shift_mean']:+.3f} | {s['shift_p10']:+.3f} | {s['shift_min']:+.3f}"]
+    if gold:
+        lines += ["", "Gold judge (eval prompts) | safety (harmful refused) | false refusal (borderline)", "---|---|---"]
+        lines += [f"policy {name} | {g['safety']:.1%} | {g['false_refusal']:.1%}" for name, g in gold.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return summary
 
@@ -164,12 +180,13 @@ def run(cfg: ContextDistillationConfig) -> Path:
     # 1. the policy, the safety reward model, the safety prompts (training and evaluation)
     policy, tokenizer = load_policy(cfg.policy_from, accelerator)
     sampler = make_sampler(policy, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
+    evaluator = make_sampler(policy, tokenizer, eval_sampling(cfg), cfg.data.template, cfg.seed)
     rm = load_reward_model(cfg.safety_rm_from, accelerator.device)
     prompts, counts = safety_prompts(cfg.data, cfg.seed, cfg.data.max_prompts, "data")
     held = cfg.data.model_copy(update={"sources": cfg.eval.sources, "mixture": None}) if cfg.eval.sources else cfg.data
     eval_prompts, _ = safety_prompts(held, cfg.seed, cfg.eval.max_prompts, "eval")
     size = cfg.sampling.batch_size
-    before = safety_scores(run, accelerator, "eval_before", eval_prompts, sampler, rm, size)
+    before = safety_answers(run, accelerator, "eval_before", eval_prompts, evaluator, rm, size)
     # 2. answers with and without the preprompt, both scored on the plain prompt
     items = [(f"train/{i}", p) for i, p in enumerate(prompts)]
     rows = in_chunks(run.checkpoints / "samples", items, size, lambda part: distill_chunk(part, sampler, rm, cfg.preprompt),
@@ -185,15 +202,19 @@ def run(cfg: ContextDistillationConfig) -> Path:
         write_jsonl(run.dir / "data" / "context_distillation.jsonl", examples, overwrite=True)
         lines = [json.dumps({**r, "id": p.id, "kept": k}) + "\n" for r, p, k in zip(rows, prompts, keep)]
         (run.dir / "data" / "candidates.jsonl").write_text("".join(lines))
-    del policy, sampler
+    del policy, sampler, evaluator
     # 4. fine-tune on the kept answers
     metrics, data_counts = fine_tune(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
-    # 5. the fine-tuned policy's safety reward on the evaluation prompts
+    # 5. the fine-tuned policy's answers to the evaluation prompts
     tuned, _ = load_policy(run.dir / "model", accelerator)
-    sampler = make_sampler(tuned, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
-    after = safety_scores(run, accelerator, "eval_after", eval_prompts, sampler, rm, size)
-    summary = write_summary(run.dir / "eval", rows, better, keep, before, after) if accelerator.is_main_process else {}
+    evaluator = make_sampler(tuned, tokenizer, eval_sampling(cfg), cfg.data.template, cfg.seed)
+    after = safety_answers(run, accelerator, "eval_after", eval_prompts, evaluator, rm, size)
+    summary = {}
+    if accelerator.is_main_process:
+        gold = gold_summary(eval_prompts, {"before": before, "after": after})
+        summary = write_summary(run.dir / "eval", rows, better, keep, [r["score"] for r in before], [r["score"] for r in after], gold)
     shifted = summary.get("policy_before_after", {})
     headline = {"kept": sum(keep), "kept_share": sum(keep) / len(rows),
-                **{f"safety/{k}": shifted[k] for k in ("before_mean", "after_mean", "before_p10", "after_p10") if k in shifted}}
+                **{f"safety/{k}": shifted[k] for k in ("before_mean", "after_mean", "before_p10", "after_p10") if k in shifted},
+                **{f"gold/{k}/{name}": g[k] for name, g in summary.get("gold", {}).items() for k in ("safety", "false_refusal")}}
     return run.finish({**metrics, **headline}, data={**counts, **data_counts})

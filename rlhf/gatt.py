@@ -248,6 +248,11 @@ def fine_tune(run: StageRun, accelerator, source: Path, examples: list[SFTExampl
     return metrics, counts
 
 
+def eval_sampling(cfg: Any) -> SamplingConfig:
+    """The stage's sampling settings at the evaluation's temperature."""
+    return cfg.sampling.model_copy(update={"temperature": cfg.eval.temperature})
+
+
 def load_policy(path: Path, accelerator) -> tuple[Any, Any]:
     """A policy (stage directory or HF model dir) in eval mode on this process's device, and its tokenizer."""
     from rlhf.models import load_causal_lm, load_tokenizer
@@ -290,7 +295,8 @@ def answer_dialogues(run: StageRun, accelerator, name: str, dialogues: list[Dial
         return [asdict(d) for d in part]
 
     rows = in_chunks(run.checkpoints / name, dialogues, size, work, accelerator, f"gatt {name}")
-    return [Dialogue(r["users"], Instruction(r["instruction"]["text"], tuple(map(tuple, r["instruction"]["parts"]))), r["answers"], r["key"]) for r in rows]
+    return [Dialogue(**{**r, "instruction": Instruction(r["instruction"]["text"], tuple(map(tuple, r["instruction"]["parts"])))})
+            for r in rows]
 
 
 def gatt_examples(sampled: list[Dialogue], cfg: GAttConfig) -> tuple[list[SFTExample], dict[str, int]]:
@@ -342,25 +348,26 @@ def run(cfg: GAttConfig) -> Path:
     # 1. the policy, and dialogues with an instruction drawn for each
     policy, tokenizer = load_policy(cfg.policy_from, accelerator)
     sampler = make_sampler(policy, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
+    evaluator = make_sampler(policy, tokenizer, eval_sampling(cfg), cfg.data.template, cfg.seed)
     train_users, eval_users, counts = dialogue_users(cfg)
     dialogues = make_dialogues(train_users, cfg.instructions, cfg.seed, "train")
     held_out = make_dialogues(eval_users, cfg.instructions, cfg.seed, "eval", checked_only=True)
     size, constraints = cfg.sampling.batch_size, cfg.instructions.constraints
     # 2. the policy on held-out dialogues (instruction in the first turn only), then the
     #    training answers sampled with the instruction in every user turn
-    before = answer_dialogues(run, accelerator, "eval_before", held_out, cfg.eval.turns, sampler, "first", size)
+    before = answer_dialogues(run, accelerator, "eval_before", held_out, cfg.eval.turns, evaluator, "first", size)
     sampled = answer_dialogues(run, accelerator, "samples", dialogues, cfg.data.turns, sampler, "every", size)
     # 3. keep the instruction in the first turn only, train on the last answer of each example
     examples, kept = gatt_examples(sampled, cfg)
     if accelerator.is_main_process:
         (run.dir / "data").mkdir(exist_ok=True)
         write_jsonl(run.dir / "data" / "gatt.jsonl", examples, overwrite=True)
-    del policy, sampler
+    del policy, sampler, evaluator
     metrics, rows = fine_tune(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
     # 4. the fine-tuned policy on the same held-out dialogues
     tuned, _ = load_policy(run.dir / "model", accelerator)
-    sampler = make_sampler(tuned, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
-    after = answer_dialogues(run, accelerator, "eval_after", held_out, cfg.eval.turns, sampler, "first", size)
+    evaluator = make_sampler(tuned, tokenizer, eval_sampling(cfg), cfg.data.template, cfg.seed)
+    after = answer_dialogues(run, accelerator, "eval_after", held_out, cfg.eval.turns, evaluator, "first", size)
     rates = {}
     if accelerator.is_main_process:
         rates = write_eval(run.dir / "eval", {"sampled": sampled, "before": before, "after": after}, constraints)

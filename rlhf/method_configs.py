@@ -132,6 +132,8 @@ class GAttEvalConfig(Strict):
                                         "out from `data` before the training dialogues are built).")
     dialogues: int = Field(32, gt=0)
     turns: int = Field(6, ge=1)
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the evaluated "
+                               "answers (0 = greedy); the other sampling settings are `sampling`'s.")
 
 
 class GAttConfig(StageConfig):
@@ -190,11 +192,15 @@ class PrepromptConfig(Strict):
 
 
 class DistillEvalConfig(Strict):
-    """Safety reward before (the policy) and after (the fine-tuned model) on safety prompts."""
+    """Safety reward before (the policy) and after (the fine-tuned model) on safety prompts;
+    also the gold judge's safety and false-refusal rates when the prompts carry the quickstart
+    world's task info."""
 
     sources: list[SourceConfig] = Field([], description="Held-out prompts (their `is_safety` "
                                         "ones are used; default: the training safety prompts).")
     max_prompts: int = Field(256, gt=0)
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature of the evaluated "
+                               "answers (0 = greedy); the other sampling settings are `sampling`'s.")
 
 
 class ContextDistillationConfig(StageConfig):
