@@ -136,10 +136,11 @@ def _cmd_round_status(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from rlhf.pipeline import run_recipe
-    from rlhf.recipe import load_recipe
+    from rlhf.recipe import RecipeError, load_recipe, read_yaml
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    out = run_recipe(recipe)
+    if "initial_policy" in read_yaml(args.recipe):
+        raise RecipeError(f"{args.recipe}: a round recipe; run it with `rlhf round run RUN --recipe {args.recipe}`")
+    out = run_recipe(load_recipe(args.recipe, args.overrides))
     print(f"[rlhf] done: {out}")
     return 0
 

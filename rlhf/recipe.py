@@ -323,6 +323,10 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> StageConfig | Pi
     """Read, override and validate a stage or pipeline recipe."""
     path = Path(path)
     data = read_yaml(path)
+    if "initial_policy" in data:  # a round recipe: shown as its first round
+        from rlhf.rounds import preview_round
+
+        return preview_round(path, _apply_overrides(data, list(overrides)))
     if "stages" in data:
         return _load_pipeline(path, data, list(overrides))
     data = _apply_overrides(data, list(overrides))

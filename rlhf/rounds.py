@@ -11,8 +11,8 @@ A run directory::
 A round is a pipeline whose stages may also name, in ``inputs``, the outside names
 ``initial_policy`` (the recipe's starting policy), ``policy`` (the previous round's policy, or the
 initial one) and ``pool`` (the previous round's pool stage; left unset in round 1). The stages
-listed under ``batches`` get every stored batch of that kind appended to ``data.sources``; a
-mixture part that lists the source ``batches`` takes them all.
+listed under ``batches`` get every stored batch file of the listed kinds appended to
+``data.sources``; a mixture part that lists the source ``batches:KIND`` (or ``batches``) takes them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pydantic import Field
 
 from rlhf.artifacts import is_main_process, now, read_manifest, write_json_atomic
 from rlhf.recipe import (
-    PipelineStage, RecipeError, StageConfig, Strict, read_yaml, resolve_stages, set_dotted, validate,
+    Pipeline, PipelineConfig, PipelineStage, RecipeError, StageConfig, Strict, read_yaml, resolve_stages, validate,
 )
 
 BatchKind = Literal["helpfulness", "safety"]
@@ -43,7 +43,7 @@ class RoundConfig(Strict):
 
     initial_policy: Path = Field(description="Stage directory (or HF model dir) round 1 starts from")
     stages: list[PipelineStage]
-    batches: dict[str, BatchKind] = Field({}, description="stage name -> batch kind it trains on")
+    batches: dict[str, list[BatchKind]] = Field({}, description="stage name -> the batch kinds it trains on")
     policy: str = Field(description="The stage whose output is the round's policy")
     pool: str | None = Field(None, description="The stage whose output is the next round's pool")
     batch_format: str = Field("auto", description="Data format of the batch files")
@@ -126,6 +126,25 @@ def _recipes_dir(stored: Path) -> Path:
     return Path(first.removeprefix("# recipes_dir: ")) if first.startswith("# recipes_dir: ") else stored.parent
 
 
+def preview_round(path: Path, data: dict[str, Any]) -> Pipeline:
+    """A round recipe resolved as round 1 of a run ``RUN`` with one batch ``NNN`` (for
+    ``rlhf show`` and recipe checks)."""
+    cfg: RoundConfig = validate(RoundConfig, data, str(path))
+    batch = {"id": "NNN", "dir": Path("RUN/batches/NNN"), "format": cfg.batch_format,
+             "files": {kind: {"file": f"{kind}.jsonl"} for kind in ("helpfulness", "safety")}}
+    kind = (read_manifest(cfg.initial_policy) or {}).get("stage", "sft")
+    outside = {"initial_policy": (kind, cfg.initial_policy), "policy": (kind, cfg.initial_policy)}
+
+    def edit(name: str, stage_data: dict[str, Any]) -> None:
+        if name in cfg.batches:
+            _add_batch_sources(stage_data, [batch], cfg.batches[name])
+
+    entries = [e.model_copy(update={"inputs": {k: v for k, v in e.inputs.items() if v != "pool"}}) for e in cfg.stages]
+    stages = resolve_stages(entries, Path("RUN/rounds/NNN"), path, outputs=outside, edit=edit)
+    pipeline = PipelineConfig(pipeline="round", output_dir=Path("RUN/rounds/NNN"), stages=cfg.stages)
+    return Pipeline(config=pipeline, stages=stages)
+
+
 def list_rounds(run: Path) -> list[dict[str, Any]]:
     rounds = []
     for path in sorted((Path(run) / "rounds").glob("[0-9][0-9][0-9]")):
@@ -147,19 +166,22 @@ def _outside_names(run: Path, cfg: RoundConfig, previous: dict | None) -> dict[s
     return names
 
 
-def _add_batch_sources(stage_data: dict[str, Any], batches: list[dict], kind: str) -> None:
-    names = []
+def _add_batch_sources(stage_data: dict[str, Any], batches: list[dict], kinds: list[str]) -> None:
+    """Append every batch file of ``kinds`` to ``data.sources``; in the mixture, a part listing
+    ``batches:KIND`` (or ``batches``: every kind) takes those sources."""
+    names: dict[str, list[str]] = {kind: [] for kind in kinds}
     sources = stage_data.setdefault("data", {}).setdefault("sources", [])
     for batch in batches:
-        if kind in batch["files"]:
-            name = f"batch_{batch['id']}_{kind}"
-            path = Path(batch["dir"]) / batch["files"][kind]["file"]
-            sources.append({"name": name, "path": str(path), "batch": batch["id"], "format": batch["format"]})
-            names.append(name)
+        for kind in kinds:
+            if kind in batch["files"]:
+                name = f"batch_{batch['id']}_{kind}"
+                path = Path(batch["dir"]) / batch["files"][kind]["file"]
+                sources.append({"name": name, "path": str(path), "batch": batch["id"], "format": batch["format"]})
+                names[kind].append(name)
+    placeholders = {f"batches:{kind}": found for kind, found in names.items()}
+    placeholders["batches"] = [n for found in names.values() for n in found]
     for part in stage_data["data"].get("mixture") or []:
-        if "batches" in part.get("sources", []):
-            i = part["sources"].index("batches")
-            part["sources"][i : i + 1] = names
+        part["sources"] = [n for s in part.get("sources", []) for n in placeholders.get(s, [s])]
 
 
 @dataclass

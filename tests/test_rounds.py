@@ -11,7 +11,7 @@ ROUND = """
 initial_policy: {initial}
 policy: rl
 pool: rl
-batches: {{rm: helpfulness}}
+batches: {{rm: [helpfulness]}}
 stages:
   - name: rm
     config: {{stage: echo, message: rm, data: {{sources: [{{name: base, path: {base}}}]}}}}
@@ -116,3 +116,19 @@ def test_round_cli(world, capsys):
     assert main(["round", "status", str(run)]) == 0
     out = capsys.readouterr().out
     assert "001  added" in out and "round 001: complete" in out and "rl" in out
+
+
+def test_batch_sources_fill_mixture_placeholders(tmp_path):
+    from rlhf.rounds import _add_batch_sources
+
+    batches = [{"id": b, "dir": tmp_path / b, "format": "auto",
+                "files": {"safety": {"file": "safety.jsonl"}, "helpfulness": {"file": "helpfulness.jsonl"}}}
+               for b in ("001", "002")]
+    data = {"data": {"sources": [{"name": "hh", "path": "hh.jsonl"}],
+                     "mixture": [{"sources": ["batches:safety", "hh"], "share": 0.9},
+                                 {"sources": ["batches:helpfulness"], "share": 0.1}]}}
+    _add_batch_sources(data, batches, ["safety", "helpfulness"])
+    names = [s["name"] for s in data["data"]["sources"]]
+    assert names == ["hh", "batch_001_safety", "batch_001_helpfulness", "batch_002_safety", "batch_002_helpfulness"]
+    assert data["data"]["mixture"][0]["sources"] == ["batch_001_safety", "batch_002_safety", "hh"]
+    assert data["data"]["mixture"][1]["sources"] == ["batch_001_helpfulness", "batch_002_helpfulness"]
