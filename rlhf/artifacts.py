@@ -174,9 +174,14 @@ def is_up_to_date(cfg: StageConfig) -> bool:
     if manifest.get("stage") != cfg.stage or manifest.get("config_hash") != cfg.config_hash():
         return False
     try:
-        return manifest.get("inputs") == input_fingerprints(cfg)
+        return _contents(manifest.get("inputs", {})) == _contents(input_fingerprints(cfg))
     except InputError:
         return False
+
+
+def _contents(inputs: dict[str, dict[str, str]]) -> dict[str, str]:
+    """Inputs by content only: a moved but unchanged input does not make a stage stale."""
+    return {key: value["fingerprint"] for key, value in inputs.items()}
 
 
 class StageRun:
@@ -216,7 +221,7 @@ class StageRun:
         same_config = (self.dir / "config.yaml").exists() and (self.dir / "config.yaml").read_text(
         ).startswith(f"# config_hash: {self.cfg.config_hash()}\n")
         try:
-            same_inputs = json.loads((self.dir / "inputs.json").read_text()) == self.inputs
+            same_inputs = _contents(json.loads((self.dir / "inputs.json").read_text())) == _contents(self.inputs)
         except (OSError, ValueError):
             same_inputs = False
         if same_config and same_inputs and read_manifest(self.dir) is None:
