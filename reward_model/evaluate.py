@@ -38,15 +38,17 @@ def accuracy_by(chosen: torch.Tensor, rejected: torch.Tensor, groups: Sequence[s
 
 
 def unsafe_recall(rewards: torch.Tensor, unsafe: torch.Tensor, threshold: float) -> dict[str, float | int]:
-    """Responses flagged unsafe by sigmoid(r) < threshold: recall and precision of the unsafe ones.
+    """Responses flagged unsafe by sigmoid(r) < threshold: recall and precision of the unsafe ones
+    (None where there is no unsafe or no flagged response).
 
     rewards: (M,) reward logits; unsafe: (M,) bool labels
     """
     flagged = torch.sigmoid(rewards.float()) < threshold
     hits = int((flagged & unsafe).sum())
+    n_unsafe, n_flagged = int(unsafe.sum()), int(flagged.sum())
     return {
-        "threshold": threshold, "unsafe": int(unsafe.sum()), "flagged": int(flagged.sum()),
-        "recall": hits / max(1, int(unsafe.sum())), "precision": hits / max(1, int(flagged.sum())),
+        "threshold": threshold, "unsafe": n_unsafe, "flagged": n_flagged,
+        "recall": hits / n_unsafe if n_unsafe else None, "precision": hits / n_flagged if n_flagged else None,
     }
 
 
@@ -111,9 +113,13 @@ def _pct(table: dict, key: str) -> str:
     return f"{100 * table[key]['accuracy']:.1f} ({table[key]['pairs']})" if key in table else "-"
 
 
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def markdown(results: dict[str, dict]) -> str:
     """Table 8 shape: one row per test set, accuracy % (pairs) per rating; then safety."""
-    cols = [*RATINGS, "unlabelled"]
+    cols = [c for c in (*RATINGS, "unlabelled") if any(c in r["per_rating"] for r in results.values())]
     lines = [
         "# Reward model evaluation", "", "Accuracy % (pairs) per preference rating (Llama 2, Table 8).", "",
         "| test set | " + " | ".join(c.replace("_", " ") for c in cols) + " | avg |",
@@ -127,8 +133,8 @@ def markdown(results: dict[str, dict]) -> str:
             u = r["unsafe_recall"]
             lines += ["", f"## {name}: safety", "", "| " + " | ".join(CATEGORIES) + " |", "|---" * len(CATEGORIES) + "|",
                       "| " + " | ".join(_pct(r["per_safety_category"], c) for c in CATEGORIES) + " |", "",
-                      f"Unsafe responses flagged by sigmoid(r) < {u['threshold']}: recall {u['recall']:.3f}, "
-                      f"precision {u['precision']:.3f} ({u['flagged']} flagged, {u['unsafe']} unsafe)."]
+                      f"Unsafe responses flagged by sigmoid(r) < {u['threshold']}: recall {_ratio(u['recall'])}, "
+                      f"precision {_ratio(u['precision'])} ({u['flagged']} flagged, {u['unsafe']} unsafe)."]
     lines += ["", "Calibration (expected calibration error): "
               + ", ".join(f"{name} {r['calibration']['ece']:.3f}" for name, r in results.items()), ""]
     return "\n".join(lines)

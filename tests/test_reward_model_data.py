@@ -9,7 +9,7 @@ import torch
 from rlhf.data import Message, PreferencePair
 from reward_model.config import RewardModelConfig
 from reward_model.data import RMPair, build_pairs, collate, load_pairs, split_held_out
-from reward_model.evaluate import accuracy_by, calibration, evaluate_rewards, pooled, unsafe_recall
+from reward_model.evaluate import accuracy_by, calibration, evaluate_rewards, markdown, pooled, unsafe_recall
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "bye", "ok", "no"]
 
@@ -148,3 +148,12 @@ def test_pooled_summary_over_test_sets():
     assert pooled(results) == {
         "accuracy": pytest.approx(4 / 6), "pairs": 6, "test_sets": {"a": 0.75, "b": 0.5},
         "per_rating": {"better": {"accuracy": 0.6, "pairs": 5}, "unlabelled": {"accuracy": 1.0, "pairs": 1}}}
+
+
+def test_report_shows_only_ratings_present_and_no_recall_without_unsafe_responses():
+    pairs = [PreferencePair([Message("user", "q")], "a", "b", rating="better", chosen_safe=True, rejected_safe=True)]
+    result = evaluate_rewards(torch.tensor([1.0]), torch.tensor([-3.0]), pairs, threshold=0.15, bins=4)
+    assert result["unsafe_recall"] == {"threshold": 0.15, "unsafe": 0, "flagged": 1, "recall": None, "precision": 0.0}
+    text = markdown({"test": result})
+    assert "| test set | better | avg |" in text and "| test | 100.0 (1) | 100.0 (1) |" in text
+    assert "recall -, precision 0.000 (1 flagged, 0 unsafe)" in text
