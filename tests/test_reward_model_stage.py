@@ -133,7 +133,9 @@ def run_stage(data: dict):
 def test_stage_trains_saves_and_evaluates(lm_dir, tmp_path):
     from reward_model.model import init_reward_model, load_reward_model
 
-    out = run_stage(recipe(tmp_path, lm_dir, max_steps=3))
+    data = recipe(tmp_path, lm_dir, max_steps=3)
+    data["data"]["eval_sources"] = [{"name": "test", "path": str(write_pairs(tmp_path / "test.jsonl", n=5))}]
+    out = run_stage(data)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["metrics"]["steps"] == 3
     # 24 pairs: 6 held out, 18 trained on
@@ -146,6 +148,7 @@ def test_stage_trains_saves_and_evaluates(lm_dir, tmp_path):
     assert "score.weight" in changed and any(n.startswith("model.layers") for n in changed)
     results = json.loads((out / "eval" / "metrics.json").read_text())
     assert results["held_out.pairs"]["pairs"] == 6 and "per_safety_category" in results["held_out.pairs"]
+    assert results["test"]["pairs"] == 5 and list(results) == ["held_out.pairs", "test"]
     assert {p.name for p in (out / "eval").iterdir()} >= {"metrics.json", "summary.json", "report.md",
                                                          "accuracy_by_rating.png", "calibration.png"}
     assert manifest["metrics"]["eval/held_out.pairs/accuracy"] == results["held_out.pairs"]["accuracy"]
