@@ -15,7 +15,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from rlhf.data import DataError, LoadedData, PreferencePair, Problem, load_data, mix
+from rlhf.data import DataConfig, DataError, LoadedData, PreferencePair, Problem, load_data, mix
 from reward_model.config import RMDataConfig, RMLossConfig
 from reward_model.losses import margin_ranking_loss, margin_table, pair_margin
 from reward_model.model import pack_rows, response_ids
@@ -79,18 +79,29 @@ def split_held_out(pools: dict[str, list], fraction: float, seed: int) -> tuple[
     return train, held_out
 
 
-def load_pairs(cfg: RMDataConfig, seed: int) -> tuple[LoadedData, dict[str, list[PreferencePair]]]:
-    """The stage's training pairs (held-out pairs taken out of every source first, then the
-    mixture drawn from the rest) and the held-out pairs by source."""
+def source_pools(cfg: DataConfig, seed: int) -> tuple[LoadedData, dict[str, list[PreferencePair]]]:
+    """Every pair of every source, unmixed, by configured source name (a row's own ``source``
+    label may differ), with the data layer's checks and counts."""
     every = load_data(cfg.model_copy(update={"mixture": None}), "preference", seed)
     pools, start = {}, 0
     for name, counts in every.sources.items():  # unmixed: every source's rows, in source order
         pools[name], start = every.records[start : start + counts["used"]], start + counts["used"]
+    return every, pools
+
+
+def load_pairs(cfg: RMDataConfig, seed: int) -> tuple[LoadedData, dict[str, list[PreferencePair]]]:
+    """The stage's training pairs (held-out pairs taken out of every source first, then the
+    mixture drawn from the rest) and the test sets: ``held_out.<source>`` and each of
+    ``eval_sources`` by name."""
+    every, pools = source_pools(cfg, seed)
     train, held_out = split_held_out(pools, cfg.eval_fraction, seed)
     records, parts, used = mix(train, cfg.mixture, seed)
     sources = {name: {**counts, "used": used[name], "held_out": len(held_out.get(name, []))}
                for name, counts in every.sources.items()}
-    return LoadedData(records, sources, parts), held_out
+    tests = {f"held_out.{name}": pairs for name, pairs in held_out.items()}
+    if cfg.eval_sources:
+        tests.update(source_pools(cfg.model_copy(update={"sources": cfg.eval_sources}), seed)[1])
+    return LoadedData(records, sources, parts), tests
 
 
 # ---------------------------------------------------------------------------------------------

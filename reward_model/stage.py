@@ -14,7 +14,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf.artifacts import StageRun, model_dir
-from rlhf.data import load_data
 from rlhf.models import load_tokenizer
 from rlhf.training import make_accelerator, prepare_model, save_model, train_loop
 from reward_model.config import RewardModelConfig
@@ -33,7 +32,7 @@ def run(cfg: RewardModelConfig) -> Path:
     hf = prepare_model(hf, cfg.model, task_type="SEQ_CLS", modules_to_save=["score"])
     model = RewardModel(hf, tokenizer, cfg.data.template, cfg.data.max_length)
     # 2. data: held-out pairs of each source set aside, the rest mixed, tokenized once
-    data, held_out = load_pairs(cfg.data, cfg.seed)
+    data, tests = load_pairs(cfg.data, cfg.seed)
     items, counts = build_pairs(data.records, tokenizer, cfg.data, cfg.loss)
     drawn = data.parts or {name: c["used"] for name, c in data.sources.items()}
     accelerator.print(
@@ -44,22 +43,16 @@ def run(cfg: RewardModelConfig) -> Path:
     metrics = train_loop(run, model, items, collate, rm_loss, cfg.train, cfg.seed, accelerator, desc="reward_model")
     save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora)
     # 4. evaluate the saved model on held-out and test pairs
-    results = evaluate(cfg, run.dir, held_out, accelerator.device) if accelerator.is_main_process else {}
+    results = evaluate(cfg, run.dir, tests, accelerator.device) if accelerator.is_main_process and tests else {}
     accelerator.wait_for_everyone()
     headline = {f"eval/{name}/accuracy": r["accuracy"] for name, r in results.items()}
     return run.finish({**metrics, **headline}, data={**data.counts(), **counts})
 
 
-def evaluate(cfg: RewardModelConfig, out: Path, held_out: dict[str, list], device) -> dict[str, dict]:
-    """Results per test set: ``held_out.<source>`` and each of ``data.eval_sources``."""
-    sets = {f"held_out.{name}": pairs for name, pairs in held_out.items()}
-    if cfg.data.eval_sources:
-        tests = load_data(cfg.data.model_copy(update={"sources": cfg.data.eval_sources, "mixture": None}), "preference", cfg.seed)
-        sets.update({s.name: [r for r in tests.records if r.source == s.name] for s in cfg.data.eval_sources})
-    if not sets:
-        return {}
+def evaluate(cfg: RewardModelConfig, out: Path, tests: dict[str, list], device) -> dict[str, dict]:
+    """Results per test set, from the saved model (what later stages will load)."""
     rm = load_reward_model(out / "model", device)
     e = cfg.eval
-    results = {name: evaluate_pairs(rm, pairs, e.unsafe_threshold, e.calibration_bins, e.batch_tokens) for name, pairs in sets.items()}
+    results = {name: evaluate_pairs(rm, pairs, e.unsafe_threshold, e.calibration_bins, e.batch_tokens) for name, pairs in tests.items()}
     write_eval(results, out / "eval")
     return results

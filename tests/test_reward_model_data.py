@@ -26,7 +26,9 @@ def tokenizer():
 
 
 def write_pairs(path, n, rating="better"):
-    rows = [{"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}", "rating": rating} for i in range(n)]
+    # rows carry their own source label; mixtures and held-out sets go by the configured name
+    rows = [{"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}", "rating": rating,
+             "source": "row label"} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"name": path.stem, "path": str(path)}
 
@@ -45,7 +47,7 @@ def test_helpfulness_mixture_counts_are_exact(tmp_path):
                {"name": "rest", "sources": ["safety", "harmless"], "equal_to": "main"}]
     data, held_out = load_pairs(config(tmp_path, mixture).data, seed=0)
     assert data.parts == {"main": 18, "rest": 18}
-    assert {k: len(v) for k, v in held_out.items()} == {"helpful": 2, "safety": 3, "harmless": 1}
+    assert {k: len(v) for k, v in held_out.items()} == {"held_out.helpful": 2, "held_out.safety": 3, "held_out.harmless": 1}
     s = data.sources
     assert s["helpful"] == {"rows": 20, "skipped": 0, "used": 18, "held_out": 2}
     assert s["safety"]["used"] + s["harmless"]["used"] == 18 and len(data.records) == 36
