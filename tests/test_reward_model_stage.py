@@ -155,11 +155,11 @@ def test_stage_trains_saves_and_evaluates(lm_dir, tmp_path):
 
 
 @pytest.mark.parametrize("merge", [True, False])
-def test_stage_with_lora(lm_dir, tmp_path, merge):
+def test_stage_with_lora(lm_dir, tmp_path, merge):  # unmerged: with gradient checkpointing too
     from reward_model.model import init_reward_model, load_reward_model
 
     data = recipe(tmp_path, lm_dir, max_steps=2)
-    data["model"] = {"lora": {"enabled": True, "r": 4, "merge": merge}}
+    data["model"] = {"lora": {"enabled": True, "r": 4, "merge": merge}, "gradient_checkpointing": not merge}
     out = run_stage(data)
     assert (out / "model" / "adapter_config.json").exists() != merge  # merged: plain weights
     rm = load_reward_model(out)
