@@ -3,11 +3,12 @@
 Same ~20M-parameter Llama (same initial weights), same pre-tokenized prompt/completion data with
 a realistic length spread, same optimizer, schedule and number of optimizer steps, and about the
 same number of real tokens per step (packed runs take ``rows`` rows of ``max_length``; the
-unpacked TRL run takes as many examples as those rows hold on average). Throughput counts only
+unpacked runs take as many examples as those rows hold on average). ``ours_unpacked`` (our loop
+with packing off) separates what packing buys from what the rest of the loop buys. Throughput counts only
 real tokens (no padding), counted the same way in every run, from the batches the collators
 hand to the model. Model-FLOPs utilisation is against a float32 matmul peak measured here.
 
-    HF_HUB_OFFLINE=1 python benchmarks/sft_vs_trl.py [--steps 6] [--rows 4] [--max-length 512]
+    HF_HUB_OFFLINE=1 python benchmarks/sft_vs_trl.py [--steps 5] [--rows 4] [--max-length 512] [--threads 1]
 
 Prints one JSON object.
 """
@@ -105,17 +106,23 @@ class CountingCollate:
         return collate(rows)
 
 
-def run_ours(model, examples, args, workdir: Path) -> dict:
-    rows = make_rows(examples, args.max_length, packing=True)
+def examples_per_step(examples: list[Rendered], args) -> int:
+    """Unpacked runs take as many examples per step as ``args.rows`` packed rows hold."""
+    return round(args.rows * len(examples) * args.max_length / sum(len(e.ids) for e in examples))
+
+
+def run_ours(model, examples, args, packing: bool, workdir: Path) -> dict:
+    rows = make_rows(examples, args.max_length, packing)
+    batch = args.rows if packing else examples_per_step(examples, args)
     init = workdir / "init"
     model.save_pretrained(init)
     source = workdir / "data.jsonl"
     source.write_text("{}\n")
     cfg = SFTConfig(
-        output_dir=workdir / "ours", model_from=init,
-        data={"sources": [{"path": source}], "max_length": args.max_length},
-        train={"lr": args.lr, "max_steps": args.steps, "epochs": 100, "batch_size": args.rows,
-               "micro_batch_size": args.rows, "weight_decay": 0.0, "warmup_ratio": 0.0,
+        output_dir=workdir / f"ours_packing_{packing}", model_from=init,
+        data={"sources": [{"path": source}], "max_length": args.max_length, "packing": packing},
+        train={"lr": args.lr, "max_steps": args.steps, "epochs": 100, "batch_size": batch,
+               "micro_batch_size": batch, "weight_decay": 0.0, "warmup_ratio": 0.0,
                "save_every": 10**6, "log_every": 10**6},
     )
     counting = CountingCollate()
@@ -123,7 +130,7 @@ def run_ours(model, examples, args, workdir: Path) -> dict:
     accelerator = make_accelerator(cfg.train)
     with Clock() as clock:
         metrics = train_loop(run, model, rows, counting, sft_loss, cfg.train, args.seed, accelerator)
-    return _result(counting.tokens, clock, metrics["loss"], rows_per_step=args.rows)
+    return _result(counting.tokens, clock, metrics["loss"], rows_per_step=batch)
 
 
 def run_trl(model, examples, tokenizer, args, packing: bool, workdir: Path) -> dict:
@@ -131,8 +138,7 @@ def run_trl(model, examples, tokenizer, args, packing: bool, workdir: Path) -> d
     from trl import SFTConfig as TRLConfig, SFTTrainer
 
     data = Dataset.from_list([{"input_ids": e.ids, "completion_mask": e.loss_mask} for e in examples])
-    per_row = sum(len(e.ids) for e in examples) / args.max_length  # rows the data fills
-    batch = args.rows if packing else round(args.rows * len(examples) / per_row)
+    batch = args.rows if packing else examples_per_step(examples, args)
     config = TRLConfig(
         output_dir=str(workdir / f"trl_packing_{packing}"), max_length=args.max_length,
         packing=packing, completion_only_loss=True, per_device_train_batch_size=batch,
@@ -174,14 +180,18 @@ def _result(tokens: int, clock: Clock, loss: float, rows_per_step: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rows", type=int, default=4, help="packed rows per global batch")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--examples", type=int, default=400)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's); 1 is steadier on a busy machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore")
 
@@ -192,7 +202,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         results = {
-            "ours": run_ours(copy.deepcopy(base), examples, args, workdir),
+            "ours": run_ours(copy.deepcopy(base), examples, args, True, workdir),
+            "ours_unpacked": run_ours(copy.deepcopy(base), examples, args, False, workdir),
             "trl": run_trl(copy.deepcopy(base), examples, tokenizer, args, False, workdir),
             "trl_packing": run_trl(copy.deepcopy(base), examples, tokenizer, args, True, workdir),
         }
