@@ -37,7 +37,7 @@ def _responses(path: Path, prompts: list[Prompt], cfg: EvaluateConfig, baseline)
     """Greedy responses, and the KL from the baseline on sampled ones (sum over tokens, mean
     over prompts, k1 estimator: log pi - log pi_0 of the sampled tokens)."""
     from rlhf.generation import row_seed, sample
-    from rlhf.ppo.rollout import per_token, policy_logprobs
+    from rlhf.ppo.rollout import PackedPolicy, per_token, policy_logprobs
 
     model, tokenizer = load_causal_lm(model_dir(path)).eval(), load_tokenizer(model_dir(path))
     prompt_ids = [render_prompt(p.messages, tokenizer, cfg.template) for p in prompts]
@@ -47,8 +47,8 @@ def _responses(path: Path, prompts: list[Prompt], cfg: EvaluateConfig, baseline)
     responses = [r or [tokenizer.eos_token_id] for r in sampled.response_ids]
     logprob = partial(per_token, prompt_ids=prompt_ids, response_ids=responses, tokens=8192)
     with torch.no_grad():
-        kl = logprob(partial(policy_logprobs, model, temperature=cfg.kl_temperature))
-        kl -= logprob(partial(policy_logprobs, baseline, temperature=cfg.kl_temperature))
+        kl = logprob(partial(policy_logprobs, PackedPolicy(model), temperature=cfg.kl_temperature))
+        kl -= logprob(partial(policy_logprobs, PackedPolicy(baseline), temperature=cfg.kl_temperature))
     lengths = [len(r) for r in greedy.response_ids]
     return {"texts": greedy.texts, "lengths": lengths, "kl": float(kl.sum(-1).mean())}
 
