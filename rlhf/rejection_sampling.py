@@ -9,11 +9,11 @@
 3. the pool: the previous round's pool (``pool_from``), re-scored under the current reward models
    when they differ from the ones that scored it, keeps each prompt's best response so far; this
    round's best of K replaces an entry only if its R_c is higher;
-4. fine-tune the policy (or ``student_from``: distillation) on the whole pool with SFT's rows and
-   loss (loss on the sampled answer only), on the shared training loop;
-5. report: the expected max and median R_c of k samples out of the K, k = 1..K, averaged over
+4. report: the expected max and median R_c of k samples out of the K, k = 1..K, averaged over
    prompts, per prompt category (Fig. 7); an optional temperature sweep (Fig. 8); what the round
-   changed in the pool.
+   changed in the pool;
+5. fine-tune the policy (or ``student_from``: distillation) on the whole pool with SFT's rows and
+   loss (loss on the sampled answer only), on the shared training loop.
 
 Stage directory: ``samples/`` (bucket shards), ``samples.jsonl`` (every sample with its scores),
 ``pool.jsonl`` (the pool after this round), ``model/``, ``report/``, ``manifest.json``.
@@ -229,7 +229,7 @@ def pool_examples(pool: dict[str, dict]) -> list[SFTExample]:
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Report: best of k (Fig. 7), temperature sweep (Fig. 8)
+# 4. Report: best of k (Fig. 7), temperature sweep (Fig. 8)
 
 
 def subset_order_statistic(values: Sequence[float], k: int, j: int) -> float:
@@ -326,11 +326,11 @@ def run(cfg: RejectionSamplingConfig) -> Path:
         best[item.key] = pool_entry(item, samples[item.key]["responses"][j], scores[item.key][j], round_no, model, reward_models)
     pool, changes = update_pool(previous, best)
     changes["rescored"] = rescored
-    # 5. report (before training, so a long fine-tuning run can be watched with it)
+    # 4. report (before training, so a long fine-tuning run can be watched with it)
     summary = _report(stage.dir, items, samples, scores, sweep_scores, changes, round_no) if accelerator.is_main_process else {}
     if accelerator.is_main_process:
         _write_jsonl(stage.dir / POOL, list(pool.values()))
-    # 4. fine-tune on the pool
+    # 5. fine-tune on the pool
     train_metrics, data_counts = finetune(stage, accelerator, cfg, pool_examples(pool))
     tokens = sum(sum(v["tokens"]) for v in samples.values())
     metrics = {

@@ -5,6 +5,7 @@ heads, 8 prompts): two rounds, a reward-model change, resume, and two processes.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -320,11 +321,17 @@ def test_resume_samples_only_the_buckets_left(world, round1, tmp_path, monkeypat
     assert [s["responses"] for s in mine] == [s["responses"] for s in straight]
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_processes_sample_every_prompt_once_and_the_same(world, round1, tmp_path):
     recipe = tmp_path / "rs.yaml"
     recipe.write_text(yaml.safe_dump(_config(world, tmp_path / "rs")))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            "-m", "rlhf", "run", str(recipe)]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
