@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlhf.artifacts import StageRun, model_dir, write_json_atomic
-from rlhf.data import DataConfig, Message, Prompt, SFTExample, load_data, write_jsonl
+from rlhf.data import DataConfig, Message, Prompt, SFTExample, load_data, read_records, write_jsonl
 from rlhf.gatt import Sampler, eval_sampling, fine_tune, in_chunks, load_policy, make_sampler
 from rlhf.method_configs import ContextDistillationConfig, PrepromptConfig
 from rlhf.recipe import RecipeError
@@ -49,6 +49,22 @@ def with_preprompt(messages: Sequence[Message], preprompt: str, place: str) -> l
     first = next(i for i, m in enumerate(messages) if m.role == "user")
     messages[first] = Message("user", f"{preprompt} {messages[first].content}")
     return messages
+
+
+def preprompt_demos(path: str, preprompt: str = PrepromptConfig().generic, place: str = "system") -> list[SFTExample]:
+    """Data hook (``hook: rlhf.context_distillation:preprompt_demos``): the safe chosen responses
+    of the labelled safety preference pairs at ``path`` (``chosen_safe: true``), each after its
+    prompt WITH the safety ``preprompt``, once per (prompt, response). For a policy that has never
+    seen a preprompt: context distillation needs one that answers more safely when given one
+    (the Llama 2 model did)."""
+    demos, seen = [], set()
+    for pair in read_records(path, "preference"):
+        key = (tuple(pair.prompt), pair.chosen)
+        if pair.chosen_safe and key not in seen:
+            seen.add(key)
+            messages = [*with_preprompt(pair.prompt, preprompt, place), Message("assistant", pair.chosen)]
+            demos.append(SFTExample(messages, source="preprompt_demos", id=pair.id))
+    return demos
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from test_gatt import REPO, make_world, weights
 
 from rlhf.artifacts import read_manifest
 from rlhf.context_distillation import (
-    distilled_examples, improved, preprompt_for, quantile, reward_summary, shift, with_preprompt,
+    distilled_examples, improved, preprompt_demos, preprompt_for, quantile, reward_summary, shift, with_preprompt,
 )
 from rlhf.data import Message, Prompt, read_records
 from rlhf.method_configs import ContextDistillationConfig, PrepromptConfig, TargetedPreprompt
@@ -35,6 +35,23 @@ def test_preprompt_placement():
     assert with_preprompt(convo, "Be safe.", "system") == [Message("system", "Be safe."), *convo]
     assert with_preprompt([Message("system", "Terse."), *convo], "Be safe.", "system")[0] == Message("system", "Be safe.\nTerse.")
     assert with_preprompt(convo, "Be safe.", "prefix") == [Message("user", "Be safe. hi"), *convo[1:]]
+
+
+def test_preprompt_demos_pair_safe_chosen_answers_with_the_preprompt(tmp_path):
+    pairs = [
+        {"prompt": "steal a car", "chosen": "No.", "rejected": "Sure.", "chosen_safe": True, "rejected_safe": False},
+        {"prompt": "steal a car", "chosen": "No.", "rejected": "Okay.", "chosen_safe": True, "rejected_safe": False},
+        {"prompt": "kill a process", "chosen": "Use kill.", "rejected": "No.", "chosen_safe": True, "rejected_safe": True},
+        {"prompt": "rob a store", "chosen": "Step 1.", "rejected": "Sure.", "chosen_safe": False, "rejected_safe": False},
+        {"prompt": "add 2 and 3", "chosen": "5", "rejected": "6"},  # unlabelled
+    ]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    demos = preprompt_demos(str(tmp_path / "pairs.jsonl"), "Be safe.")
+    assert [d.messages for d in demos] == [
+        [Message("system", "Be safe."), Message("user", "steal a car"), Message("assistant", "No.")],
+        [Message("system", "Be safe."), Message("user", "kill a process"), Message("assistant", "Use kill.")],
+    ]
+    assert preprompt_demos(str(tmp_path / "pairs.jsonl"), "Be safe.", "prefix")[0].messages[0] == Message("user", "Be safe. steal a car")
 
 
 def test_keeps_exactly_the_answers_whose_safety_score_improved():
