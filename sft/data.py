@@ -123,7 +123,13 @@ def build_rows(
     return rows, counts
 
 
-def collate(rows: list[SFTRow]) -> SFTBatch:
+def collate(rows: list[SFTRow], flatten: bool = False) -> SFTBatch:
+    """Stack rows, padded to the longest; or, with ``flatten``, put them all in one row of
+    (1, sum of lengths) with no padding at all. Flash-attention kernels need the latter: they
+    keep packed sequences apart only in a batch of one row (and then cost nothing extra), while
+    sdpa and eager build a mask quadratic in the row length, so rows stay rows."""
+    if flatten:
+        return SFTBatch(*(torch.cat([getattr(r, f) for r in rows])[None] for f in SFTBatch._fields))
     width = max(r.num_tokens for r in rows)
     pads = [width - r.num_tokens for r in rows]
     return SFTBatch(

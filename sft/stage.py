@@ -9,6 +9,7 @@ unpacked, N processes == 1), and resuming replays exactly the batches of an unin
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from rlhf.artifacts import StageRun, model_dir
@@ -35,6 +36,9 @@ def run(cfg: SFTConfig) -> Path:
         f"(truncated {counts['truncated']}, dropped {counts['dropped_overlong'] + counts['dropped_no_loss']})"
     )
     # 3. train, then save the model in Hugging Face format
-    metrics = train_loop(run, model, rows, collate, sft_loss, cfg.train, cfg.seed, accelerator, desc="sft")
+    flatten = cfg.model.attn_implementation == "flash_attention_2"  # varlen: one row per micro-batch
+    metrics = train_loop(
+        run, model, rows, partial(collate, flatten=flatten), sft_loss, cfg.train, cfg.seed, accelerator, desc="sft"
+    )
     save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora)
     return run.finish(metrics, data={**data.counts(), **counts})

@@ -113,3 +113,7 @@ def test_packed_loss_equals_unpacked_loss():
     # and the same, one example at a time, with no padding at all
     one_by_one = sum(sft_loss(model, collate([r]))[0] for r in unpacked)
     torch.testing.assert_close(loss_packed / units, one_by_one / units, atol=1e-5, rtol=1e-5)
+    # and with the whole micro-batch flattened into one row (as flash attention needs)
+    flat = collate(packed, flatten=True)
+    assert flat.input_ids.shape == (1, sum(r.num_tokens for r in packed))
+    torch.testing.assert_close(sft_loss(model, flat)[0] / units, loss_unpacked / units, atol=1e-5, rtol=1e-5)
