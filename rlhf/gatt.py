@@ -12,12 +12,13 @@ system instruction over many turns.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from dataclasses import asdict, dataclass, replace
 from functools import reduce
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from rlhf.artifacts import StageRun, model_dir, write_json_atomic
 from rlhf.data import Message, Prompt, SFTExample, load_data, read_records, render_prompt, write_jsonl
@@ -70,7 +71,7 @@ def draw_instruction(cfg: InstructionsConfig, rng: random.Random, pool: Sequence
     return Instruction(" ".join(texts), tuple(parts))
 
 
-def pour_dialogues(prompts: Sequence[Prompt], turns: int, limit: int | None = None) -> tuple[list[list[str]], int]:
+def pour_dialogues(prompts: Iterable[Prompt], turns: int, limit: int | None = None) -> tuple[list[list[str]], int]:
     """User turns of consecutive prompts poured into dialogues of ``turns`` user turns each (a
     prompt's turns may be split over two dialogues); at most ``limit`` dialogues. Returns the
     dialogues and how many prompts they used."""
@@ -265,22 +266,32 @@ def load_policy(path: Path, accelerator) -> tuple[Any, Any]:
 # The stage
 
 
+def shuffled(prompts: Sequence[Prompt], seed: int, name: str, passes: int | None = 1) -> Iterator[Prompt]:
+    """The prompts in a new random order on each of ``passes`` passes (None: without end)."""
+    for n in range(passes) if passes else itertools.count():
+        order = list(prompts)
+        random.Random(f"gatt/{name}/{seed}/{n}").shuffle(order)
+        yield from order
+
+
 def dialogue_users(cfg: GAttConfig) -> tuple[list[list[str]], list[list[str]], dict[str, Any]]:
     """User turns of the training and the held-out dialogues, and the data counts. Prompts are
-    shuffled for the seed; without ``eval.sources`` the held-out dialogues take the first ones."""
+    shuffled for the seed; without ``eval.sources`` the held-out dialogues take the first ones.
+    ``data.dialogues`` beyond what one pass over the prompts fills reuses them, reshuffled."""
     data = load_data(cfg.data, "prompts", cfg.seed)
-    prompts = list(data.records)
-    random.Random(f"gatt/{cfg.seed}").shuffle(prompts)
-    prompts = prompts[: cfg.data.max_prompts]
+    prompts = list(shuffled(data.records, cfg.seed, "train"))[: cfg.data.max_prompts]
     if cfg.eval.sources:
         held = load_data(cfg.data.model_copy(update={"sources": cfg.eval.sources, "mixture": None}), "prompts", cfg.seed)
-        eval_users, _ = pour_dialogues(held.records, cfg.eval.turns, cfg.eval.dialogues)
+        eval_users, _ = pour_dialogues(list(shuffled(held.records, cfg.seed, "eval")), cfg.eval.turns, cfg.eval.dialogues)
     else:
         eval_users, used = pour_dialogues(prompts, cfg.eval.turns, cfg.eval.dialogues)
         prompts = prompts[used:]
-    train_users, _ = pour_dialogues(prompts, cfg.data.turns, cfg.data.dialogues)
     if not eval_users:
         raise RecipeError(f"eval: the held-out prompts fill no dialogue of eval.turns={cfg.eval.turns} user turns")
+    if not prompts:
+        raise RecipeError("data: no prompt is left for training after the held-out dialogues")
+    passes = None if cfg.data.dialogues else 1
+    train_users, _ = pour_dialogues(shuffled(prompts, cfg.seed, "dialogues", passes), cfg.data.turns, cfg.data.dialogues)
     if not train_users:
         raise RecipeError(f"data: the prompts left after the held-out dialogues fill no dialogue of "
                           f"data.turns={cfg.data.turns} user turns; give more prompts or fewer turns")
@@ -332,11 +343,11 @@ def write_eval(out: Path, results: dict[str, list[Dialogue]], constraints: Seque
     lines = ["# Ghost Attention: instruction followed, by assistant turn", "",
              "before / after: the policy and the fine-tuned policy on held-out dialogues, the "
              "instruction in the first user turn only. sampled: the training dialogues, sampled "
-             "with the instruction in every user turn.", "",
-             "| turn | " + " | ".join(rates) + " | judged |", "|---" * (len(rates) + 2) + "|"]
+             "with the instruction in every user turn. In brackets: answers judged.", "",
+             "| turn | " + " | ".join(rates) + " |", "|---" * (len(rates) + 1) + "|"]
     for k in depths:
-        cells = [f"{r[k]['follow']:.1%}" if k in r else "-" for r in rates.values()]
-        lines.append(f"| {k} | " + " | ".join(cells) + f" | {max(r.get(k, {}).get('judged', 0) for r in rates.values())} |")
+        cells = [f"{r[k]['follow']:.1%} ({r[k]['judged']})" if k in r else "-" for r in rates.values()]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return rates
 

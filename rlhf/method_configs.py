@@ -116,7 +116,8 @@ class GAttDataConfig(GenerationDataConfig):
     turns: int = Field(4, ge=1, description="User turns per dialogue. A dialogue takes the user "
                        "turns of consecutive (shuffled) prompts until it has this many.")
     dialogues: int | None = Field(None, gt=0, description="Dialogues to build (default: as many "
-                                  "as the prompts fill).")
+                                  "as one pass over the prompts fills; more reuse the prompts, "
+                                  "reshuffled).")
     every_depth: bool = Field(True, description="One training example per assistant turn (the "
                               "dialogue up to it, loss on it alone), or only the full dialogue.")
     keep: Literal["all", "following"] = Field(

@@ -235,6 +235,18 @@ def test_stage_writes_gatt_data_trains_and_evaluates(world, tmp_path):
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_dialogues_beyond_one_pass_reuse_the_prompts(world, tmp_path):
+    from rlhf.gatt import dialogue_users
+
+    cfg = gatt_cfg(world, tmp_path / "unused")
+    train, held_out, counts = dialogue_users(cfg)
+    assert (len(train), len(held_out), counts["rows"]) == (6, 2, 24)
+    cfg.data.dialogues = 15
+    more, held_again, _ = dialogue_users(cfg)
+    assert len(more) == 15 and more[:6] == train and held_again == held_out
+    assert all(len(d) == 3 for d in more)
+
+
 def test_keep_following_drops_examples_the_checker_rejects(world, tmp_path):
     from rlhf.gatt import gatt_examples
 
