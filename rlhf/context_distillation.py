@@ -140,7 +140,7 @@ def safety_answers(run: StageRun, accelerator, name: str, prompts: list[Prompt],
         scores = rm.score([p.messages for _, p in part], answers).tolist()
         return [{"key": k, "answer": a, "score": s} for (k, _), a, s in zip(part, answers, scores)]
 
-    items = [(f"eval/{i}", p) for i, p in enumerate(prompts)]
+    items = [(f"eval/{i}", p) for i, p in enumerate(prompts)]  # a prompt listed twice draws two answers
     return in_chunks(run.checkpoints / name, items, size, work, accelerator, f"context distillation {name}")
 
 
@@ -201,6 +201,7 @@ def run(cfg: ContextDistillationConfig) -> Path:
     prompts, counts = safety_prompts(cfg.data, cfg.seed, cfg.data.max_prompts, "data")
     held = cfg.data.model_copy(update={"sources": cfg.eval.sources, "mixture": None}) if cfg.eval.sources else cfg.data
     eval_prompts, _ = safety_prompts(held, cfg.seed, cfg.eval.max_prompts, "eval")
+    eval_prompts = [p for p in eval_prompts for _ in range(cfg.eval.samples)]
     size = cfg.sampling.batch_size
     before = safety_answers(run, accelerator, "eval_before", eval_prompts, evaluator, rm, size)
     # 2. answers with and without the preprompt, both scored on the plain prompt
@@ -227,6 +228,10 @@ def run(cfg: ContextDistillationConfig) -> Path:
     after = safety_answers(run, accelerator, "eval_after", eval_prompts, evaluator, rm, size)
     summary = {}
     if accelerator.is_main_process:
+        answers = [{"id": p.id, "prompt": p.messages[-1].content, "before": b["answer"], "before_score": b["score"],
+                    "after": a["answer"], "after_score": a["score"]} for p, b, a in zip(eval_prompts, before, after)]
+        (run.dir / "eval").mkdir(exist_ok=True)
+        (run.dir / "eval" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answers))
         gold = gold_summary(eval_prompts, {"before": before, "after": after})
         summary = write_summary(run.dir / "eval", rows, better, keep, [r["score"] for r in before], [r["score"] for r in after], gold)
     shifted = summary.get("policy_before_after", {})

@@ -200,6 +200,8 @@ class DistillEvalConfig(Strict):
     sources: list[SourceConfig] = Field([], description="Held-out prompts (their `is_safety` "
                                         "ones are used; default: the training safety prompts).")
     max_prompts: int = Field(256, gt=0)
+    samples: int = Field(1, gt=0, description="Answers per prompt (each from its own random "
+                         "stream; more give steadier numbers when `temperature` > 0).")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the evaluated "
                                "answers (0 = greedy); the other sampling settings are `sampling`'s.")
 

@@ -100,6 +100,7 @@ def cd_cfg(world: Path, out: Path, **train) -> ContextDistillationConfig:
         data={"sources": [{"path": world / "prompts.jsonl"}], "max_length": 64, "packing": False},
         preprompt={"generic": "be safe.", "targeted": {"templates": {"crime": "refuse"}, "text": "{generic} [{category}] {template}"}},
         sampling={"max_new_tokens": 5, "batch_size": 4, "temperature": 1.0},
+        eval={"samples": 2, "temperature": 1.0},
         train={"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "epochs": 1, "weight_decay": 0.0, **train},
     )
 
@@ -126,6 +127,10 @@ def test_stage_keeps_improved_answers_fine_tunes_and_reports_the_shift(world, tm
     shift_ = summary["policy_before_after"]
     assert shift_["shift_mean"] == pytest.approx(shift_["after_mean"] - shift_["before_mean"])
     assert manifest["metrics"]["safety/after_p10"] == shift_["after_p10"]
+    answers = [json.loads(line) for line in (out / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 24 and [a["id"] for a in answers[:4]] == ["s0", "s0", "s1", "s1"]  # 2 samples each
+    assert answers[0]["before"] != answers[1]["before"] or answers[0]["after"] != answers[1]["after"]
+    assert shift_["before_mean"] == pytest.approx(sum(a["before_score"] for a in answers) / 24)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(kept) // 2 + 1))
     before, after = weights(world / "base"), weights(out / "model")
