@@ -34,18 +34,33 @@ from pathlib import Path
 
 TRL_VERSION = "1.12.0"  # the last release with PPOTrainer
 PINNED = ("torch", "transformers", "accelerate", "datasets")
-WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ri", "vo") for b in ("n", "r", "s", "t", "x", "m", "l", "")]
+
+
+def word_tokenizer(vocab: int):
+    """Words ``w<id>`` (plus the chat markers) one token each: decoding and re-encoding a
+    response gives back its ids, as a subword tokenizer of a real vocabulary would."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "[INST]", "[/INST]"]
+    words += [f"w{i}" for i in range(len(words), vocab)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
 
 
 def build_world(root: Path, args) -> dict:
-    """Policy + tokenizer, one reward model, a prompt file; returns the paths and prompt ids."""
+    """Policy + tokenizer, two reward models, a prompt file; returns the root and prompt ids.
+    Prompts are 8-200 words, log-normal (median about 55): conversations vary in length."""
     from rlhf.data import render_prompt
-    from rlhf.models import build_model, train_tokenizer
+    from rlhf.models import build_model
     from reward_model.model import RewardModel, init_reward_model
 
     rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(args.num_prompts)]
-    tokenizer = train_tokenizer(texts, args.vocab)
+    tokenizer = word_tokenizer(args.vocab)
+    lengths = [min(200, max(8, int(rng.lognormvariate(4.0, 0.8)))) for _ in range(args.num_prompts)]
+    texts = [" ".join(f"w{rng.randrange(6, args.vocab)}" for _ in range(n)) for n in lengths]
     policy = root / "sft" / "model"
     build_model(args.size, len(tokenizer), max_positions=512).save_pretrained(policy)
     tokenizer.save_pretrained(policy)
@@ -66,10 +81,18 @@ def build_world(root: Path, args) -> dict:
 # Ours
 
 
-def run_ours(root: Path, args) -> list[dict]:
+def run_ours(root: Path, args) -> tuple[list[dict], list[float]]:
+    """Our per-iteration metrics and CPU seconds (read at each iteration's metrics line)."""
+    from rlhf.artifacts import StageRun
     from rlhf.ppo.config import PPOConfig
     from rlhf.ppo.train import run
     from rlhf.recipe import validate
+
+    marks, log = [time.process_time()], StageRun.log
+
+    def timed_log(self, step, **metrics):
+        marks.append(time.process_time())
+        log(self, step, **metrics)
 
     cfg = validate(PPOConfig, {
         "stage": "ppo", "output_dir": str(root / "ours"),
@@ -80,8 +103,14 @@ def run_ours(root: Path, args) -> list[dict]:
                 "forward_tokens": 4096},
         "train": {"lr": 1e-5, "batch_size": args.mini_batch, "micro_batch_size": args.micro_batch, "save_every": 10**6},
     }, "benchmark")
-    out = run(cfg)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][args.warmup :]
+    StageRun.log = timed_log
+    try:
+        out = run(cfg)
+    finally:
+        StageRun.log = log
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    cpu = [b - a for a, b in zip(marks, marks[1:])]
+    return rows[args.warmup :], cpu[args.warmup :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,14 +129,16 @@ def trl_python(venv: Path) -> Path:
     return python
 
 
-def run_trl(python: Path, world: dict, args) -> list[float]:
+def run_trl(python: Path, world: dict, args) -> tuple[list[float], list[float]]:
+    """TRL's wall and CPU seconds per iteration."""
     spec = Path(world["root"]) / "trl_job.json"
     spec.write_text(json.dumps({**vars(args), **world}, default=str))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([str(python), __file__, "--trl-worker", str(spec)], env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"TRL worker failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["seconds"][args.warmup :]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["wall"][args.warmup :], out["cpu"][args.warmup :]
 
 
 def trl_worker(spec_path: str) -> None:
@@ -126,10 +157,10 @@ def trl_worker(spec_path: str) -> None:
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            marks.append(time.perf_counter())
+            marks.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, *a, **k):
-            marks.append(time.perf_counter())
+            marks.append((time.perf_counter(), time.process_time()))
 
     iterations = job["warmup"] + job["iterations"]
     config = PPOConfig(
@@ -149,7 +180,8 @@ def trl_worker(spec_path: str) -> None:
         train_dataset=train, eval_dataset=train.select(range(2)), callbacks=[Clock()],
     )
     trainer.train()
-    print(json.dumps({"seconds": [b - a for a, b in zip(marks, marks[1:])]}))
+    steps = list(zip(marks, marks[1:]))
+    print(json.dumps({"wall": [b[0] - a[0] for a, b in steps], "cpu": [b[1] - a[1] for a, b in steps]}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,16 +191,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trl-worker", help=argparse.SUPPRESS)
     parser.add_argument("--trl-venv", type=Path, default=Path(tempfile.gettempdir()) / "rlhf-bench-venv-trl")
-    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=64, help="prompts (rollouts) per iteration")
     parser.add_argument("--mini-batch", type=int, default=16)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--response-length", type=int, default=48)
+    parser.add_argument("--response-length", type=int, default=64)
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--size", default="medium", help="a size of rlhf.models.SIZES")
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=32000, help="Llama 2's vocabulary size")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each side (1: CPU time is compute time)")
     args = parser.parse_args()
     if args.trl_worker:
         return trl_worker(args.trl_worker)
@@ -178,18 +210,21 @@ def main() -> None:
     python = trl_python(args.trl_venv)
     with tempfile.TemporaryDirectory() as tmp:
         world = build_world(Path(tmp), args)
-        ours = run_ours(Path(tmp), args)
-        trl = run_trl(python, world, args)
-    ours_s = statistics.median(r["time_iteration"] for r in ours)
-    trl_s = statistics.median(trl)
-    split = {k: statistics.median(r[f"time_{k}"] for r in ours) for k in ("generation", "scoring", "forward", "training")}
+        ours, ours_cpu = run_ours(Path(tmp), args)
+        trl, trl_cpu = run_trl(python, world, args)
+    med = statistics.median
+    ours_s, trl_s = med(r["time_iteration"] for r in ours), med(trl)
+    split = {k: med(r[f"time_{k}"] for r in ours) for k in ("generation", "scoring", "forward", "training")}
     print(json.dumps({
         "benchmark": "ppo_vs_trl", "trl_version": TRL_VERSION, "device": "cpu", "threads": args.threads,
         "model": {"size": args.size, "vocab": args.vocab},
         "prompts_per_iteration": args.prompts, "mini_batch": args.mini_batch, "micro_batch": args.micro_batch,
         "response_length": args.response_length, "timed_iterations": args.iterations,
         "ours_s_per_iteration": round(ours_s, 3), "trl_s_per_iteration": round(trl_s, 3),
-        "speedup": round(trl_s / ours_s, 2), "ours_time_split_s": {k: round(v, 3) for k, v in split.items()},
+        "speedup": round(trl_s / ours_s, 2),
+        "ours_cpu_s_per_iteration": round(med(ours_cpu), 3), "trl_cpu_s_per_iteration": round(med(trl_cpu), 3),
+        "speedup_cpu_time": round(med(trl_cpu) / med(ours_cpu), 2),
+        "ours_time_split_s": {k: round(v, 3) for k, v in split.items()},
         "ours_response_length": statistics.mean(r["response_length"] for r in ours),
     }, indent=2))
 

@@ -148,6 +148,25 @@ def _kl_after_two(world, tmp_path) -> float:
     return (rows[1]["kl"] + rows[2]["kl"]) / 2
 
 
+def test_early_stop_keeps_the_best_held_out_policy(world, tmp_path):
+    from rlhf.ppo.train import run
+
+    held_out = {"sources": [{"path": str(world / "prompts.jsonl")}]}
+    stop = {"early_stop": {"data": held_out, "every": 1, "patience": 1}, "ppo.iterations": 5}
+    out = run(_cfg(world, tmp_path / "ppo", **stop))
+    rows = _metrics(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    best = manifest["best_iteration"]
+    rewards = [r["eval_reward"] for r in rows]
+    assert manifest["best_eval_reward"] == max(rewards) == rewards[best - 1]
+    if len(rows) < 5:  # stopped: the last evaluation did not improve on the best
+        assert rewards[-1] <= max(rewards[:-1])
+    # the saved policy is the one evaluated best: a plain run of that many iterations
+    plain = run(_cfg(world, tmp_path / "plain", **{"ppo.iterations": best}))
+    a, b = _state(out / "model"), _state(plain / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lora_policy_is_its_own_reference(world, tmp_path):
     from rlhf.ppo.train import load_models
 
@@ -189,6 +208,21 @@ def test_two_processes_match_one(world, tmp_path):
     a, b = _state(tmp_path / "one" / "model"), _state(tmp_path / "two" / "model")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_memory_options_run_together(world, tmp_path):
+    """bf16, gradient checkpointing, a LoRA critic and reward models offloaded between phases."""
+    from rlhf.ppo.train import run
+
+    out = run(_cfg(world, tmp_path / "ppo", **{
+        "train.mixed_precision": "bf16", "policy.gradient_checkpointing": True, "ppo.offload_reward_models": True,
+        "critic": {"lr": 1e-2, "gradient_checkpointing": True, "lora": {"enabled": True, "r": 4}},
+    }))
+    rows = _metrics(out)
+    assert all(torch.isfinite(torch.tensor(r["value_loss"])) for r in rows)
+    assert abs(rows[0]["kl"]) < 1e-2  # the bf16 reference matches the autocast policy closely
+    critic = _state(out / "critic")
+    assert "score.weight" in critic and not any("lora" in k for k in critic)  # merged
 
 
 def test_shipped_recipes_validate():

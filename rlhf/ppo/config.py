@@ -119,7 +119,7 @@ class PPOConfig(StageConfig):
         "policy_from": ("sft", "rejection_sampling", "ppo", "hf"),
         "helpfulness_rm_from": ("reward_model",),
         "safety_rm_from": ("reward_model",),
-        "critic_from": ("reward_model",),
+        "critic_from": ("reward_model", "ppo"),
     }
 
     stage: Literal["ppo"] = "ppo"
