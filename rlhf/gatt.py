@@ -235,18 +235,25 @@ def in_chunks(work_dir: Path, items: Sequence[Any], size: int, work: Callable[[l
 
 
 def fine_tune(run: StageRun, accelerator, source: Path, examples: list[SFTExample], cfg: Any) -> tuple[dict, dict]:
-    """Fine-tune the causal LM at ``source`` on ``examples`` as the SFT stage does: ``cfg.data``
-    renders them (loss on the last answer, packed), ``cfg.train`` and ``cfg.model`` drive the
-    shared loop, which resumes from ``run.checkpoints``; saves ``model/``. Returns the training
-    metrics and the data counts."""
+    """Fine-tune the causal LM at ``source`` on ``examples`` and the ``data.replay`` ones as the
+    SFT stage does: ``cfg.data`` renders them (loss on the last answer, packed), ``cfg.train``
+    and ``cfg.model`` drive the shared loop, which resumes from ``run.checkpoints``; saves
+    ``model/``. Returns the training metrics and the data counts."""
     from rlhf.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(source)
     model = prepare_model(load_causal_lm(source, attn_implementation=cfg.model.attn_implementation), cfg.model)
+    examples, replayed = with_replay(examples, cfg)
     rows, counts = build_rows(examples, tokenizer, cfg.data)
     metrics = train_loop(run, model, rows, collate, sft_loss, cfg.train, cfg.seed, accelerator, desc=f"{cfg.stage} fine-tune")
     save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora)
-    return metrics, counts
+    return metrics, {**replayed, **counts}
+
+
+def with_replay(examples: list[SFTExample], cfg: Any) -> tuple[list[SFTExample], dict[str, int]]:
+    """The generated examples and the ``data.replay`` conversations, and how many of each."""
+    replay = load_data(cfg.data.replay, "sft", cfg.seed).records if cfg.data.replay else []
+    return [*examples, *replay], {"generated_examples": len(examples), "replay_examples": len(replay)}
 
 
 def eval_sampling(cfg: Any) -> SamplingConfig:
@@ -327,7 +334,7 @@ def gatt_examples(sampled: list[Dialogue], cfg: GAttConfig) -> tuple[list[SFTExa
     if not examples:
         raise RecipeError("data.keep: no sampled answer follows its instruction, so there is nothing "
                           "to train on; the policy cannot follow these instructions even when repeated")
-    return examples, {"examples": len(examples), **counts}
+    return examples, counts
 
 
 def write_eval(out: Path, results: dict[str, list[Dialogue]], constraints: Sequence[Constraint]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf.data.config import SourceConfig
+from rlhf.data.config import DataConfig, SourceConfig
 from rlhf.gatt_checks import is_checker_name
 from rlhf.recipe import Strict, StageConfig
 from sft.config import SFTDataConfig, SFTModelConfig, SFTTrainConfig
@@ -54,6 +54,13 @@ class GenerationDataConfig(SFTDataConfig):
 
     loss_on: Literal["last"] = Field("last", description="Only the last assistant turn is trained on.")
     max_prompts: int | None = Field(None, gt=0, description="Use at most this many prompts.")
+
+
+class ReplayConfig(Strict):
+    replay: DataConfig | None = Field(
+        None, description="SFT conversations (kind `sft`) trained on along with the generated "
+        "ones (loss on their last answer), so the policy keeps its other skills; a `mixture` "
+        "part with `take: N` replays N of them.")
 
 
 def _fields(text: str) -> set[str]:
@@ -112,7 +119,7 @@ class InstructionsConfig(Strict):
         return self
 
 
-class GAttDataConfig(GenerationDataConfig):
+class GAttDataConfig(GenerationDataConfig, ReplayConfig):
     turns: int = Field(4, ge=1, description="User turns per dialogue. A dialogue takes the user "
                        "turns of consecutive (shuffled) prompts until it has this many.")
     dialogues: int | None = Field(None, gt=0, description="Dialogues to build (default: as many "
@@ -168,6 +175,10 @@ TARGETED_TEXT = (
 )
 
 
+class DistillDataConfig(GenerationDataConfig, ReplayConfig):
+    pass
+
+
 class TargetedPreprompt(Strict):
     """A risk category plus an answer template (Llama 2, Sec. 4.2.4 and Table 39)."""
 
@@ -216,7 +227,7 @@ class ContextDistillationConfig(StageConfig):
     output_dir: Path = Path("runs/context_distillation")
     policy_from: Path
     safety_rm_from: Path = Field(description="The safety reward model that decides what is kept.")
-    data: GenerationDataConfig = Field(description="Prompts; only the `is_safety` ones are used.")
+    data: DistillDataConfig = Field(description="Prompts; only the `is_safety` ones are used.")
     preprompt: PrepromptConfig = PrepromptConfig()
     sampling: SamplingConfig = SamplingConfig()
     eval: DistillEvalConfig = DistillEvalConfig()

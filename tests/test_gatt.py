@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rlhf.artifacts import read_manifest
-from rlhf.data import Message, Prompt, read_records, render
+from rlhf.data import DataConfig, Message, Prompt, read_records, render
 from rlhf.gatt import (
     Dialogue, Instruction, conversation, draw_instruction, follow_rates, follows, instruction_demos, make_dialogues,
     pour_dialogues, sample_turns, training_examples,
@@ -180,6 +180,8 @@ def make_world(root: Path) -> Path:
         text, category = HARMFUL[i % 3]
         rows.append({"prompt": text, "is_safety": True, "id": f"s{i}", "meta": {"category": category}})
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    demos = [{"prompt": t, "response": "OK"} for t in TOPICS[:4]]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demos))
     return root
 
 
@@ -210,16 +212,18 @@ def gatt_cfg(world: Path, out: Path, **train) -> GAttConfig:
 def test_stage_writes_gatt_data_trains_and_evaluates(world, tmp_path):
     from rlhf.gatt import run
 
-    out = run(gatt_cfg(world, tmp_path / "gatt"))
+    cfg = gatt_cfg(world, tmp_path / "gatt")
+    cfg.data.replay = DataConfig(sources=[{"path": world / "sft.jsonl"}])
+    out = run(cfg)
     manifest = read_manifest(out)
     assert manifest["status"] == "complete" and manifest["stage"] == "gatt"
     data = manifest["data"]
     # 24 prompts: 2 held-out dialogues of 3 turns take 6, the other 18 make 6 dialogues of 3
     # turns, so 18 examples (one per depth), less those with an empty sampled answer
     assert (data["eval_dialogues"], data["dialogues"]) == (2, 6)
-    assert data["examples"] + data["dropped_empty_answer"] == 18 and data["examples"] >= 12
+    assert data["generated_examples"] + data["dropped_empty_answer"] == 18 and data["generated_examples"] >= 12
     examples = read_records(out / "data" / "gatt.jsonl", "sft")
-    assert len(examples) == data["examples"] == data["examples_used"]
+    assert len(examples) == data["generated_examples"] == data["examples"] - 4 and data["replay_examples"] == 4
     assert {len(e.messages) for e in examples} == {2, 4, 6}
     for e in examples:
         users = [m.content for m in e.messages if m.role == "user"]
@@ -230,7 +234,7 @@ def test_stage_writes_gatt_data_trains_and_evaluates(world, tmp_path):
     assert rates["before"]["3"]["judged"] == 2
     assert "follow/after/turn_3" in manifest["metrics"] and (out / "eval" / "report.md").exists()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, len(examples) // 4 + 1))  # one example per row, batch 4
+    assert steps == list(range(1, (len(examples) + 4) // 4 + 1))  # one example per row, batch 4
     before, after = weights(world / "base"), weights(out / "model")
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
