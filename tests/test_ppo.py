@@ -157,13 +157,14 @@ def test_early_stop_keeps_the_best_held_out_policy(world, tmp_path):
     rows = _metrics(out)
     manifest = json.loads((out / "manifest.json").read_text())
     best = manifest["best_iteration"]
-    rewards = [r["eval_reward"] for r in rows]
-    assert manifest["best_eval_reward"] == max(rewards) == rewards[best - 1]
-    if len(rows) < 5:  # stopped: the last evaluation did not improve on the best
+    rewards = [r["eval_reward"] for r in rows]  # step 0: the policy before PPO
+    assert rows[0] == {"step": 0, "eval_reward": rewards[0]}
+    assert manifest["best_eval_reward"] == max(rewards) == rewards[best]
+    if len(rows) < 6:  # stopped: the last evaluation did not improve on the best
         assert rewards[-1] <= max(rewards[:-1])
     # the saved policy is the one evaluated best: a plain run of that many iterations
-    plain = run(_cfg(world, tmp_path / "plain", **{"ppo.iterations": best}))
-    a, b = _state(out / "model"), _state(plain / "model")
+    plain = run(_cfg(world, tmp_path / "plain", **{"ppo.iterations": best})) / "model" if best else world / "sft" / "model"
+    a, b = _state(out / "model"), _state(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

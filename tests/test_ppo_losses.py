@@ -87,3 +87,14 @@ def test_token_logprobs_and_entropy():
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert entropy(logits)[0].tolist() == pytest.approx([h, math.log(2)])
     assert masked_mean(torch.tensor([1.0, 2.0, 9.0]), torch.tensor([1, 1, 0])).item() == 1.5
+
+
+def test_entropy_matches_the_definition_and_its_gradient():
+    logits = torch.randn(3, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    logp = torch.log_softmax(logits, -1)
+    expected = -(logp.exp() * logp).sum(-1)
+    got = entropy(logits)
+    assert torch.allclose(got, expected, atol=1e-6)
+    (g1,) = torch.autograd.grad(got.sum(), logits)
+    (g2,) = torch.autograd.grad(expected.sum(), logits)
+    assert torch.allclose(g1, g2, atol=1e-6)

@@ -105,8 +105,9 @@ class PPOSettings(Strict):
 
 
 class EarlyStopConfig(Strict):
-    """Evaluate the gated reward R_c on held-out prompts every ``every`` iterations; stop after
-    ``patience`` evaluations without improvement and keep the best policy."""
+    """Evaluate the gated reward R_c of greedy answers to held-out prompts before PPO and every
+    ``every`` iterations; stop after ``patience`` evaluations without improvement. The stage
+    outputs the best evaluated policy (the starting one if PPO never beat it)."""
 
     data: DataConfig | None = None
     every: int = Field(10, gt=0)

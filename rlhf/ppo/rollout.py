@@ -86,7 +86,8 @@ class PackedPolicy(torch.nn.Module):
 def policy_logits(policy: PackedPolicy, batch: PackedRollouts, temperature: float = 1.0) -> torch.Tensor:
     """Logits (K, V) that predict each response token, at the sampling temperature (PPO's
     ratios compare the distributions the tokens were sampled from)."""
-    return policy(batch.input_ids, batch.position_ids, batch.predict) / temperature
+    logits = policy(batch.input_ids, batch.position_ids, batch.predict)
+    return logits if temperature == 1 else logits / temperature  # (K, V): no copy at T = 1
 
 
 def policy_logprobs(policy: PackedPolicy, batch: PackedRollouts, temperature: float = 1.0) -> torch.Tensor:

@@ -122,9 +122,13 @@ def run(cfg: PPOConfig) -> Path:
     early = EarlyStop()
     accelerator.register_for_checkpointing(*schedulers, early)
     start = resume(accelerator, run.checkpoints)
-    run.truncate_metrics(start)
+    run.truncate_metrics(start if start else -1)  # a fresh start logs its step-0 evaluation again
     if accelerator.log_with and not accelerator.trackers:
         accelerator.init_trackers(run.dir.name)
+    if held_out and start == 0:  # the policy before PPO is the first candidate for the best
+        reward = evaluate(accelerator, models, held_out, cfg)
+        update_early_stop(early, reward, 0, accelerator, run, cfg)
+        run.log(0, eval_reward=reward)
     progress = Progress(cfg.ppo.iterations, "ppo", initial=start)
     metrics: dict[str, float] = {}
     for iteration in range(start, cfg.ppo.iterations):
@@ -370,11 +374,12 @@ def micro_step(accelerator, models: Models, ro: Rollouts, advantages, returns, r
     with accelerator.autocast():
         logits = policy_logits(models.policy, batch, cfg.generation.temperature)  # (K, V)
         values = critic_values(models.critic, batch).float()  # (K,)
-    logprobs = token_logprobs(logits, batch.targets)  # (K,)
+    lse = torch.logsumexp(logits.float(), dim=-1)  # (K,) shared by log-probs and entropy
+    logprobs = token_logprobs(logits, batch.targets, lse)  # (K,)
     pg = policy_loss(logprobs, ro.logprobs[at], advantages[at], cfg.ppo.clip)
     vf = value_loss(values, ro.values[at], returns[at], cfg.ppo.value_clip)
     with torch.set_grad_enabled(cfg.ppo.entropy_coef > 0):
-        ent = entropy(logits)  # (K,)
+        ent = entropy(logits, lse)  # (K,)
     loss = pg.loss.sum() + vf.loss.sum() - cfg.ppo.entropy_coef * ent.sum()
     accelerator.backward(loss * scale)
     parts = (pg.loss, vf.loss, pg.clipped.float(), vf.clipped.float(), pg.approx_kl, ent)
@@ -441,9 +446,9 @@ def update_early_stop(early: EarlyStop, reward: float, done: int, accelerator, r
 
 def finish(accelerator, run: StageRun, models: Models, early: EarlyStop, metrics, counts, cfg: PPOConfig) -> Path:
     """Save ``model/`` (the policy: the best held-out one when evaluating) and ``critic/``."""
-    if early.best_iteration > 0:
+    if early.best_iteration >= 0:
         accelerator.load_state(str(latest_checkpoint(run.checkpoints / "best")))
     save_model(accelerator, models.policy, models.tokenizer, run.dir / "model", cfg.policy.lora)
     save_model(accelerator, models.critic, models.tokenizer, run.dir / "critic", cfg.critic.lora)
-    extra = {"best_iteration": early.best_iteration, "best_eval_reward": early.best} if early.best_iteration > 0 else {}
+    extra = {"best_iteration": early.best_iteration, "best_eval_reward": early.best} if early.best_iteration >= 0 else {}
     return run.finish(metrics, data=counts, **extra)
