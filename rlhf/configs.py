@@ -11,7 +11,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from rlhf.data.config import DataConfig
-from rlhf.method_configs import GenerationDataConfig
+from rlhf.method_configs import GenerationDataConfig, ReplayConfig
 from rlhf.recipe import StageConfig, Strict
 from sft.config import SFTModelConfig, SFTTrainConfig
 
@@ -79,6 +79,11 @@ class RejectionSamplingSampling(Strict):
         "(the only backend of this version).")
 
 
+class RejectionSamplingData(GenerationDataConfig, ReplayConfig):
+    """Prompts to sample (kind ``prompts``); how the pool is rendered for fine-tuning (loss on the
+    sampled answer only); optionally SFT conversations replayed along with the pool."""
+
+
 class RejectionSamplingReport(Strict):
     """Fig. 7 (reward of the best of k samples, max and median, k = 1..K) is always reported; a
     temperature sweep (Fig. 8) only when ``temperatures`` is set."""
@@ -120,8 +125,7 @@ class RejectionSamplingConfig(StageConfig):
                                       "the pool instead of the policy.")
     round: int | None = Field(None, ge=1, description="Round number recorded in the pool (default: the "
                               "previous pool's last round + 1, or 1).")
-    data: GenerationDataConfig = Field(description="Prompts (kind: prompts), and how the pool is rendered "
-                                       "for fine-tuning (loss on the sampled answer only).")
+    data: RejectionSamplingData
     sampling: RejectionSamplingSampling = RejectionSamplingSampling()
     gate_threshold: float = Field(0.15, ge=0, le=1, description="Safety gate on R_s (probability scale).")
     report: RejectionSamplingReport = RejectionSamplingReport()

@@ -36,6 +36,7 @@ import torch
 from rlhf.artifacts import StageRun, model_dir, read_manifest, write_json_atomic
 from rlhf.configs import RejectionSamplingConfig
 from rlhf.data import DataError, Message, Problem, Prompt, SFTExample, load_data, render_prompt, to_dict
+from rlhf.gatt import fine_tune
 from rlhf.generation import length_buckets, row_seed, sample
 from rlhf.progress import Progress
 from rlhf.rewards import safety_gate
@@ -331,7 +332,8 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     if accelerator.is_main_process:
         _write_jsonl(stage.dir / POOL, list(pool.values()))
     # 5. fine-tune on the pool
-    train_metrics, data_counts = finetune(stage, accelerator, cfg, pool_examples(pool))
+    source = model_dir(cfg.student_from or cfg.policy_from)
+    train_metrics, data_counts = fine_tune(stage, accelerator, source, pool_examples(pool), cfg)
     tokens = sum(sum(v["tokens"]) for v in samples.values())
     metrics = {
         "round": round_no, "prompts_sampled": len(items), "samples": len(items) * cfg.sampling.k,
@@ -344,21 +346,6 @@ def run(cfg: RejectionSamplingConfig) -> Path:
         **train_metrics,
     }
     return stage.finish(metrics, round=round_no, data={**counts, **data_counts}, report=summary.get("categories_max_at_K"))
-
-
-def finetune(stage: StageRun, accelerator, cfg: RejectionSamplingConfig, examples: list[SFTExample]) -> tuple[dict, dict]:
-    """SFT's rows (prompt-masked, packed) and loss on the shared loop; saves ``model/``."""
-    from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.training import prepare_model, save_model, train_loop
-    from sft.data import build_rows, collate, sft_loss
-
-    source = model_dir(cfg.student_from or cfg.policy_from)
-    tokenizer = load_tokenizer(source)
-    model = prepare_model(load_causal_lm(source, attn_implementation=cfg.model.attn_implementation), cfg.model)
-    rows, counts = build_rows(examples, tokenizer, cfg.data)
-    metrics = train_loop(stage, model, rows, collate, sft_loss, cfg.train, cfg.seed, accelerator, desc="fine-tune on pool")
-    save_model(accelerator, model, tokenizer, stage.dir / "model", cfg.model.lora)
-    return metrics, counts
 
 
 def _report(out: Path, items, samples, scores, sweep_scores, changes, round_no) -> dict:

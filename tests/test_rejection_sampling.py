@@ -174,6 +174,9 @@ def world(tmp_path_factory) -> Path:
     with open(root / "prompts.jsonl", "w") as fh:
         for i, (text, is_safety) in enumerate(PROMPTS):
             fh.write(json.dumps({"prompt": [{"role": "user", "content": text}], "is_safety": is_safety, "id": f"p{i}"}) + "\n")
+    with open(root / "sft.jsonl", "w") as fh:
+        for text, answer in (("say hello", "hello"), ("name a colour", "red"), ("what is 2 + 3?", "5")):
+            fh.write(json.dumps({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]}) + "\n")
     return root
 
 
@@ -271,7 +274,7 @@ def test_changed_reward_models_rescore_the_pool(world, round1, tmp_path):
             assert entry["reward"] == pytest.approx(rescored, abs=1e-6) and entry["safety"] == pytest.approx(sp, abs=1e-6)
 
 
-def test_distillation_fine_tunes_the_student_and_sweeps_temperatures(world, round1, tmp_path):
+def test_distillation_with_replay_fine_tunes_the_student_and_sweeps_temperatures(world, round1, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from rlhf.models import load_tokenizer
@@ -284,8 +287,11 @@ def test_distillation_fine_tunes_the_student_and_sweeps_temperatures(world, roun
     LlamaForCausalLM(config).save_pretrained(student)
     load_tokenizer(world / "sft" / "model").save_pretrained(student)
     out = rs.run(_cfg(world, tmp_path / "rs", student_from=str(tmp_path / "student"),
-                      report={"temperatures": [0.5, 1.5], "sweep_prompts": 2, "sweep_k": 3}))
+                      report={"temperatures": [0.5, 1.5], "sweep_prompts": 2, "sweep_k": 3},
+                      **{"data.replay": {"sources": [{"path": str(world / "sft.jsonl")}]}}))
     assert json.loads((out / "model" / "config.json").read_text())["hidden_size"] == 16
+    counts = json.loads((out / "manifest.json").read_text())["data"]
+    assert (counts["generated_examples"], counts["replay_examples"], counts["examples_used"]) == (8, 3, 11)
     before, after = _state(student), _state(out / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # the samples are the policy's (the same as round one's), not the student's
