@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_gatt import REPO, make_world, weights
+from test_gatt import REPO, free_port, make_world, weights
 
 from rlhf.artifacts import read_manifest
 from rlhf.context_distillation import (
@@ -94,21 +94,27 @@ def world(tmp_path_factory) -> Path:
     return root
 
 
-def cd_cfg(world: Path, out: Path, **train) -> ContextDistillationConfig:
+def cd_cfg(world: Path, out: Path) -> ContextDistillationConfig:
     return ContextDistillationConfig(
         output_dir=out, policy_from=world / "base", safety_rm_from=world / "rm",
         data={"sources": [{"path": world / "prompts.jsonl"}], "max_length": 64, "packing": False},
         preprompt={"generic": "be safe.", "targeted": {"templates": {"crime": "refuse"}, "text": "{generic} [{category}] {template}"}},
         sampling={"max_new_tokens": 5, "batch_size": 4, "temperature": 1.0},
         eval={"samples": 2, "temperature": 1.0},
-        train={"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "epochs": 1, "weight_decay": 0.0, **train},
+        train={"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "epochs": 1, "weight_decay": 0.0},
     )
 
 
-def test_stage_keeps_improved_answers_fine_tunes_and_reports_the_shift(world, tmp_path):
+@pytest.fixture(scope="module")
+def whole(world, tmp_path_factory) -> Path:
+    """One uninterrupted run of the stage."""
     from rlhf.context_distillation import run
 
-    out = run(cd_cfg(world, tmp_path / "cd"))
+    return run(cd_cfg(world, tmp_path_factory.mktemp("cd") / "whole"))
+
+
+def test_stage_keeps_improved_answers_fine_tunes_and_reports_the_shift(world, whole):
+    out = whole
     manifest = read_manifest(out)
     assert manifest["status"] == "complete" and manifest["stage"] == "context_distillation"
     rows = [json.loads(line) for line in (out / "data" / "candidates.jsonl").read_text().splitlines()]
@@ -137,10 +143,9 @@ def test_stage_keeps_improved_answers_fine_tunes_and_reports_the_shift(world, tm
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_interrupted_sampling_resumes_where_it_stopped(world, tmp_path, monkeypatch):
+def test_interrupted_sampling_resumes_where_it_stopped(world, whole, tmp_path, monkeypatch):
     from rlhf import context_distillation as cd, gatt
 
-    whole = cd.run(cd_cfg(world, tmp_path / "whole"))
     real_write, real_chunk, chunks = gatt.write_json_atomic, cd.distill_chunk, []
 
     def write_then_die(path, data):
@@ -168,7 +173,7 @@ def test_two_processes_match_one(world, tmp_path):
     recipe.write_text(json.dumps(cd_cfg(world, tmp_path / "unused").model_dump(mode="json")))  # JSON is YAML
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     one = [sys.executable, "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'one'}"]
-    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29537",
+    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'two'}"]
     for cmd in (one, two):
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

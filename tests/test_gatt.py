@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from rlhf.artifacts import read_manifest
-from rlhf.data import DataConfig, Message, Prompt, read_records, render
+from rlhf.data import Message, Prompt, read_records, render
 from rlhf.gatt import (
     Dialogue, Instruction, conversation, draw_instruction, follow_rates, follows, instruction_demos, make_dialogues,
     pour_dialogues, sample_turns, training_examples,
@@ -190,31 +191,42 @@ def world(tmp_path_factory) -> Path:
     return make_world(tmp_path_factory.mktemp("gatt_world"))
 
 
+def free_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
-def gatt_cfg(world: Path, out: Path, **train) -> GAttConfig:
+def gatt_cfg(world: Path, out: Path) -> GAttConfig:
     return GAttConfig(
         output_dir=out, policy_from=world / "base",
-        data={"sources": [{"path": world / "prompts.jsonl"}], "turns": 3, "max_length": 96, "packing": False, "keep": "all"},
+        data={"sources": [{"path": world / "prompts.jsonl"}], "turns": 3, "max_length": 96, "packing": False, "keep": "all",
+              "replay": {"sources": [{"path": world / "sft.jsonl"}]}},
         instructions={"constraints": [{"name": "case", "text": "CAPS!", "checker": "upper_case"},
                                       {"name": "last", "text": "End with {value}", "values": ["ok", "done"], "checker": "ends_with"}],
                       "combine": 0.5},
         sampling={"max_new_tokens": 5, "batch_size": 2, "temperature": 1.0},
         eval={"dialogues": 2, "turns": 3},
-        train={"lr": 1e-2, "batch_size": 4, "micro_batch_size": 2, "epochs": 1, "weight_decay": 0.0, **train},
+        train={"lr": 1e-2, "batch_size": 4, "micro_batch_size": 2, "epochs": 1, "weight_decay": 0.0, "save_every": 2},
     )
 
 
-def test_stage_writes_gatt_data_trains_and_evaluates(world, tmp_path):
+@pytest.fixture(scope="module")
+def whole(world, tmp_path_factory) -> Path:
+    """One uninterrupted run of the stage."""
     from rlhf.gatt import run
 
-    cfg = gatt_cfg(world, tmp_path / "gatt")
-    cfg.data.replay = DataConfig(sources=[{"path": world / "sft.jsonl"}])
-    out = run(cfg)
+    return run(gatt_cfg(world, tmp_path_factory.mktemp("gatt") / "whole"))
+
+
+def test_stage_writes_gatt_data_trains_and_evaluates(world, whole):
+    out = whole
     manifest = read_manifest(out)
     assert manifest["status"] == "complete" and manifest["stage"] == "gatt"
     data = manifest["data"]
@@ -266,10 +278,9 @@ def test_keep_following_drops_examples_the_checker_rejects(world, tmp_path):
         gatt_examples(sampled, cfg)
 
 
-def test_interrupted_generation_and_training_resume_to_the_same_result(world, tmp_path, monkeypatch):
+def test_interrupted_generation_and_training_resume_to_the_same_result(world, whole, tmp_path, monkeypatch):
     from rlhf import gatt, training
 
-    whole = gatt.run(gatt_cfg(world, tmp_path / "whole", save_every=2))
     calls, real_write, real_save, real_sample = [], gatt.write_json_atomic, training.save_checkpoint, gatt.sample_turns
 
     def write_then_die(path, data):
@@ -282,7 +293,7 @@ def test_interrupted_generation_and_training_resume_to_the_same_result(world, tm
         raise KeyboardInterrupt("killed after the step-2 checkpoint")
 
     monkeypatch.setattr(gatt, "sample_turns", lambda ds, *a: calls.append(ds[0].key) or real_sample(ds, *a))
-    cfg = gatt_cfg(world, tmp_path / "resumed", save_every=2)
+    cfg = gatt_cfg(world, tmp_path / "resumed")
     monkeypatch.setattr(gatt, "write_json_atomic", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         gatt.run(cfg)
@@ -306,11 +317,11 @@ def test_two_processes_match_one(world, tmp_path):
     recipe.write_text(json.dumps(gatt_cfg(world, tmp_path / "unused").model_dump(mode="json")))  # JSON is YAML
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     one = [sys.executable, "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'one'}"]
-    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29531",
+    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(),
            "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'two'}"]
     for cmd in (one, two):
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, done.stderr[-12000:]
     one, two = tmp_path / "one", tmp_path / "two"
     assert (one / "data" / "gatt.jsonl").read_text() == (two / "data" / "gatt.jsonl").read_text()
     assert read_manifest(two)["data"] == read_manifest(one)["data"]
