@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a policy stage directory or a Hugging Face model directory")
     p.add_argument("--prompts", help="held-out prompts (default: data/quickstart/eval_prompts.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--samples", type=int, default=0, help="also score N sampled answers per prompt (key \"sampled\")")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of --samples")
     p.set_defaults(func=_cmd_eval_gold)
 
     p = sub.add_parser("report", help="write the progress report of a pipeline or rounds directory")
@@ -101,7 +103,8 @@ def _cmd_eval_rm(args: argparse.Namespace) -> int:
 def _cmd_eval_gold(args: argparse.Namespace) -> int:
     from rlhf.world.gold import evaluate_gold
 
-    print_json(evaluate_gold(args.model_dir, args.prompts, args.max_new_tokens))
+    print_json(evaluate_gold(args.model_dir, args.prompts, args.max_new_tokens, samples=args.samples,
+                             temperature=args.temperature))
     return 0
 
 

@@ -55,6 +55,10 @@ class EvaluateConfig(StageConfig):
     batch_size: int = Field(64, gt=0, description="Prompts per generation batch")
     gold: Literal["auto", "on", "off"] = Field("auto", description="Score with the quickstart "
                                                "world's gold judge (auto: when the prompts carry its task info)")
+    gold_samples: int = Field(4, ge=0, description="Also score this many sampled answers per prompt with "
+                              "the gold judge (`gold_sampled`: expected scores under sampling, less noisy than "
+                              "the greedy answers'; 0: greedy only)")
+    gold_temperature: float = Field(0.7, gt=0, description="Sampling temperature of `gold_samples`")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ gate; win rates against the baseline and against the policy before it under thes
 reward models, overall (R_c), on helpfulness prompts (R_h) and on safety prompts (R_s), the
 Fig. 11 axes; the KL from the baseline, estimated on sampled responses; and, when the prompts
 carry a gold judge's task info (the quickstart world), gold helpfulness, safety and false
-refusals. Writes ``eval/summary.json`` (read by the report) and ``eval/responses.jsonl``.
+refusals of the greedy answers and of ``gold_samples`` sampled answers per prompt. Writes
+``eval/summary.json`` (read by the report) and ``eval/responses.jsonl``.
 """
 
 from __future__ import annotations
@@ -49,16 +50,23 @@ def _responses(path: Path, prompts: list[Prompt], cfg: EvaluateConfig, baseline)
     with torch.no_grad():
         kl = logprob(partial(policy_logprobs, PackedPolicy(model), temperature=cfg.kl_temperature))
         kl -= logprob(partial(policy_logprobs, PackedPolicy(baseline), temperature=cfg.kl_temperature))
+        gold, gold_sampled = _gold(model, tokenizer, prompts, prompt_ids, greedy.texts, cfg)
     lengths = [len(r) for r in greedy.response_ids]
-    return {"texts": greedy.texts, "lengths": lengths, "kl": float(kl.sum(-1).mean())}
+    return {"texts": greedy.texts, "lengths": lengths, "kl": float(kl.sum(-1).mean()),
+            "gold": gold, "gold_sampled": gold_sampled}
 
 
-def _gold(prompts: list[Prompt], texts: list[str], mode: str) -> dict[str, float] | None:
+def _gold(model, tokenizer, prompts: list[Prompt], prompt_ids, texts: list[str], cfg: EvaluateConfig) -> tuple:
+    """The gold judge's scores of the greedy answers and of ``gold_samples`` sampled answers per
+    prompt (None, None without a gold judge)."""
+    from rlhf.world.gold import sampled_gold
     from rlhf.world.judge import has_gold, summarize
 
-    if mode == "off" or (mode == "auto" and not has_gold(prompts)):
-        return None
-    return summarize(prompts, texts)
+    if cfg.gold == "off" or (cfg.gold == "auto" and not has_gold(prompts)):
+        return None, None
+    sampled = (sampled_gold(model, tokenizer, prompts, prompt_ids, cfg.gold_samples, cfg.gold_temperature,
+                            cfg.max_new_tokens, cfg.seed, cfg.batch_size) if cfg.gold_samples else None)
+    return summarize(prompts, texts), sampled
 
 
 def _scores(prompts: list[Prompt], texts: list[str], rms: dict, threshold: float) -> dict[str, torch.Tensor]:
@@ -115,11 +123,13 @@ def run(cfg: EvaluateConfig) -> Path:
             "win_rate_vs_previous": vs_prev.get("overall"),
             "kl_from_baseline": res["kl"],
             "response_length": sum(res["lengths"]) / max(1, len(res["lengths"])),
-            "gold": _gold(prompts, res["texts"], cfg.gold),
+            "gold": res["gold"],
+            "gold_sampled": res["gold_sampled"],
         }
         previous = name
     _write(stage.dir / "eval", summary, prompts, results)
-    return stage.finish({name: {k: v for k, v in p.items() if k != "gold"} | (p["gold"] or {})
+    return stage.finish({name: {k: v for k, v in p.items() if not k.startswith("gold")} | (p["gold"] or {})
+                         | {f"sampled_{k}": v for k, v in (p["gold_sampled"] or {}).items() if k != "n"}
                          for name, p in summary["policies"].items()})
 
 

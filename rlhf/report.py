@@ -90,6 +90,7 @@ POLICY_COLUMNS = [
     ("kl_from_baseline", "KL from baseline"),
 ]
 GOLD_COLUMNS = [("helpfulness", "gold helpfulness"), ("safety", "gold safety"), ("false_refusal", "false refusals")]
+SAMPLED_GOLD_COLUMNS = [(key, f"sampled {name.removeprefix('gold ')}") for key, name in GOLD_COLUMNS]
 
 
 def markdown(summary: dict[str, Any], plots: list[str]) -> str:
@@ -106,13 +107,13 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
             lines += ["Reward-model accuracy on held-out pairs, per rating:", ""]
             lines += _table(["reward model", "overall", *RATINGS], rows) + [""]
         if rnd["policies"]:
-            has_gold = any(p.get("gold") for p in rnd["policies"].values())
-            header = ["policy"] + [h for _, h in POLICY_COLUMNS] + ([h for _, h in GOLD_COLUMNS] if has_gold else [])
+            gold = [(key, columns) for key, columns in (("gold", GOLD_COLUMNS), ("gold_sampled", SAMPLED_GOLD_COLUMNS))
+                    if any(p.get(key) for p in rnd["policies"].values())]
+            header = ["policy"] + [h for _, h in POLICY_COLUMNS] + [h for _, columns in gold for _, h in columns]
             rows = []
             for name, p in rnd["policies"].items():
                 row = [name] + [p.get(k) for k, _ in POLICY_COLUMNS]
-                if has_gold:
-                    row += [(p.get("gold") or {}).get(k) for k, _ in GOLD_COLUMNS]
+                row += [(p.get(key) or {}).get(k) for key, columns in gold for k, _ in columns]
                 rows.append(row)
             lines += [f"Policies on held-out prompts (baseline: {rnd.get('baseline')}; rewards on the "
                       "probability scale under this round's reward models):", ""]
@@ -157,9 +158,12 @@ def _plots(summary: dict[str, Any], out: Path) -> list[str]:
         written.append(_save(fig, out / "win_rates.png"))
     if any(p.get("gold") for _, p in policies):
         fig, ax = plt.subplots(figsize=(max(5, len(policies) * 1.2), 3.5))
-        for key, name in GOLD_COLUMNS:
-            ax.plot([lbl for lbl, _ in policies], [(p.get("gold") or {}).get(key) for _, p in policies], "o-", label=name)
-        ax.set_ylim(0, 1), ax.legend(), ax.set_title("Gold judge on held-out prompts")
+        for (key, name), color in zip(GOLD_COLUMNS, ("C0", "C1", "C2")):
+            for gold, style, label in (("gold", "o-", name), ("gold_sampled", "s--", f"{name} (sampled)")):
+                values = [(p.get(gold) or {}).get(key) for _, p in policies]
+                if any(v is not None for v in values):
+                    ax.plot([lbl for lbl, _ in policies], values, style, color=color, label=label)
+        ax.set_ylim(0, 1), ax.legend(fontsize=7), ax.set_title("Gold judge on held-out prompts")
         ax.tick_params(axis="x", labelrotation=30, labelsize=7)
         written.append(_save(fig, out / "gold.png"))
     return written

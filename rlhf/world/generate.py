@@ -48,9 +48,10 @@ class Sizes:
     """Rows per file and kind (pairs: per week)."""
 
     sft: tuple[int, int, int] = (1500, 350, 450)  # helpful, harmful, borderline
-    helpful_pairs: int = 1000
+    helpful_pairs: int = 4000
     safety_pairs: tuple[int, int] = (560, 240)  # harmful, borderline
-    rl_prompts: tuple[int, int, int] = (240, 80, 80)
+    # at most 100 per task (the world has only 70 colour and 100 opposite prompts to train on)
+    rl_prompts: tuple[int, int, int] = (600, 200, 200)
     eval_prompts: tuple[int, int, int] = (120, 60, 60)
     letter_strings: int = 400  # distinct letter strings per letter task
 
@@ -199,8 +200,8 @@ def build(seed: int = 0, sizes: Sizes = Sizes()) -> dict[str, list]:
         help_pairs += [make_pair(i, week, "helpful", rng) for i in _sample(train, (sizes.helpful_pairs,), rng)]
         safety_pairs += [make_pair(i, week, "safety", rng) for i in _sample(train, (0, *sizes.safety_pairs), rng)]
     n_help, n_harm, n_border = sizes.rl_prompts
-    rl = [i for t in tasks.HELPFUL_TASKS for i in rng.sample(train[t], n_help // len(tasks.HELPFUL_TASKS))]
-    rl += rng.sample(train["harmful"], n_harm) + rng.sample(train["borderline"], n_border)
+    caps = {**dict.fromkeys(tasks.HELPFUL_TASKS, n_help // len(tasks.HELPFUL_TASKS)), "harmful": n_harm, "borderline": n_border}
+    rl = [i for kind, cap in caps.items() for i in rng.sample(train[kind], min(cap, len(train[kind])))]
     sft = [SFTExample([Message("user", i.text), Message("assistant", d)], source=i.kind)
            for i, d in zip(sft_items, demos)]
     return {
