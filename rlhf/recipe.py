@@ -121,8 +121,15 @@ class StageConfig(Strict):
         return found
 
     def config_hash(self) -> str:
-        """Hash of the resolved config, without where it is written or how it is logged."""
+        """Hash of the resolved config, without where it is written or how it is logged, and
+        without where its inputs lie: they are compared by content (``input_paths``)."""
         data = self.model_dump(mode="json", exclude={"output_dir", "report_to"})
+        for key in self.input_paths():
+            *parents, last = key.split(".")
+            node = data
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            node[int(last) if isinstance(node, list) else last] = "<input>"
         blob = json.dumps(data, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

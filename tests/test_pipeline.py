@@ -63,6 +63,14 @@ def test_complete_stages_are_skipped_and_changed_ones_rerun(pipe, tmp_path, echo
     assert len(echo_stage.RUNS) == 5
 
 
+def test_a_moved_run_directory_is_skipped_whole(pipe, tmp_path, echo_stage):
+    run_recipe(load_recipe(pipe))
+    (tmp_path / "run").rename(tmp_path / "moved")
+    run_recipe(load_recipe(pipe, [f"output_dir={tmp_path / 'moved'}"]))
+    assert len(echo_stage.RUNS) == 2  # second's input now lies elsewhere, with the same content
+    assert not list((tmp_path / "moved").glob("*.superseded-*"))
+
+
 def test_failed_stage_leaves_no_manifest(pipe, tmp_path, echo_stage):
     with pytest.raises(RuntimeError):
         run_recipe(load_recipe(pipe, ["second.fail_half_way=true"]))
