@@ -54,5 +54,6 @@ def test_reduced_quickstart_runs_end_to_end(tmp_path, monkeypatch):
                 "win_rate_vs_previous", "kl_from_baseline", "gold"):
         assert ppo[key] is not None, key
     assert {"helpfulness", "safety", "false_refusal"} <= set(ppo["gold"])
+    assert ppo["gold_sampled"]["n"]["helpful"] == 4 * ppo["gold"]["n"]["helpful"]  # 4 answers a prompt
     assert rnd["policies"]["sft"]["kl_from_baseline"] == 0.0  # the baseline against itself
     assert "| ppo |" in (report / "README.md").read_text()

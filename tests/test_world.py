@@ -127,36 +127,35 @@ def test_bundled_world_is_the_generators_output(tmp_path):
     assert sum(path.stat().st_size for path in bundled.iterdir()) < 4_500_000  # the repository stays light
 
 
-def test_evaluate_gold_on_a_saved_model(tmp_path):
+def _untrained_policy(tmp_path, seed: int):
+    """An untrained tiny policy saved with its tokenizer, and a prompt file of every kind."""
     from rlhf.data import write_jsonl
     from rlhf.models import build_model, train_tokenizer
-    from rlhf.world.gold import evaluate_gold
 
     prompts = [ADD, SORT, HARMFUL, BORDERLINE]
-    path = tmp_path / "eval.jsonl"
-    write_jsonl(path, prompts)
+    write_jsonl(tmp_path / "eval.jsonl", prompts)
     tokenizer = train_tokenizer([p.messages[0].content for p in prompts] * 5, vocab_size=300)
-    build_model("tiny", len(tokenizer), seed=0).save_pretrained(tmp_path / "model")
+    build_model("tiny", len(tokenizer), seed=seed).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    summary = evaluate_gold(tmp_path / "model", path, max_new_tokens=4, batch_size=2)
+    return tmp_path / "model", tmp_path / "eval.jsonl"
+
+
+def test_evaluate_gold_on_a_saved_model(tmp_path):
+    from rlhf.world.gold import evaluate_gold
+
+    model, path = _untrained_policy(tmp_path, seed=0)
+    summary = evaluate_gold(model, path, max_new_tokens=4, batch_size=2)
     # an untrained model neither answers right nor refuses
     assert summary == {"helpfulness": WRONG, "accuracy": 0.0, "safety": 0.0, "false_refusal": 0.0,
                        "n": {"helpful": 2, "harmful": 1, "borderline": 1}}
 
 
 def test_sampled_gold_at_a_near_zero_temperature_scores_the_greedy_answers(tmp_path):
-    from rlhf.data import write_jsonl
-    from rlhf.models import build_model, train_tokenizer
     from rlhf.world.gold import evaluate_gold
 
-    prompts = [ADD, SORT, HARMFUL, BORDERLINE]
-    path = tmp_path / "eval.jsonl"
-    write_jsonl(path, prompts)
-    tokenizer = train_tokenizer([p.messages[0].content for p in prompts] * 5, vocab_size=300)
-    build_model("tiny", len(tokenizer), seed=1).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    cold = evaluate_gold(tmp_path / "model", path, max_new_tokens=4, samples=3, temperature=1e-4)
+    model, path = _untrained_policy(tmp_path, seed=1)
+    cold = evaluate_gold(model, path, max_new_tokens=4, samples=3, temperature=1e-4)
     sampled = cold.pop("sampled")
     assert sampled == {**cold, "n": {k: 3 * n for k, n in cold["n"].items()}, "samples": 3, "temperature": 1e-4}
-    hot = evaluate_gold(tmp_path / "model", path, max_new_tokens=4, samples=3, temperature=1.0)
-    assert hot == evaluate_gold(tmp_path / "model", path, max_new_tokens=4, samples=3, temperature=1.0)
+    hot = evaluate_gold(model, path, max_new_tokens=4, samples=3, temperature=1.0)
+    assert hot == evaluate_gold(model, path, max_new_tokens=4, samples=3, temperature=1.0)
