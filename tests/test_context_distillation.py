@@ -1,14 +1,12 @@
 """Safety context distillation: preprompts, what is kept, reward summaries, the stage."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_gatt import REPO, free_port, make_world, weights
+from launch import launch
+from test_gatt import make_world, weights
 
 from rlhf.artifacts import read_manifest
 from rlhf.context_distillation import (
@@ -171,14 +169,7 @@ def test_interrupted_sampling_resumes_where_it_stopped(world, whole, tmp_path, m
 def test_two_processes_match_one(world, tmp_path):
     recipe = tmp_path / "cd.yaml"
     recipe.write_text(json.dumps(cd_cfg(world, tmp_path / "unused").model_dump(mode="json")))  # JSON is YAML
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = [sys.executable, "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'one'}"]
-    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(),
-           "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'two'}"]
-    for cmd in (one, two):
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = launch(recipe, tmp_path / "one"), launch(recipe, tmp_path / "two", processes=2)
     for name in ("data/candidates.jsonl", "data/context_distillation.jsonl"):
         assert (one / name).read_text() == (two / name).read_text()
     a, b = weights(one / "model"), weights(two / "model")

@@ -1,16 +1,13 @@
 """Ghost Attention: instructions, the GAtt transform, loss masks, follow rates, the stage."""
 
 import json
-import os
 import random
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch import launch
 from rlhf.artifacts import read_manifest
 from rlhf.data import Message, Prompt, read_records, render
 from rlhf.gatt import (
@@ -191,12 +188,6 @@ def world(tmp_path_factory) -> Path:
     return make_world(tmp_path_factory.mktemp("gatt_world"))
 
 
-def free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
 def weights(path: Path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
@@ -315,14 +306,7 @@ def test_interrupted_generation_and_training_resume_to_the_same_result(world, wh
 def test_two_processes_match_one(world, tmp_path):
     recipe = tmp_path / "gatt.yaml"
     recipe.write_text(json.dumps(gatt_cfg(world, tmp_path / "unused").model_dump(mode="json")))  # JSON is YAML
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = [sys.executable, "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'one'}"]
-    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", free_port(),
-           "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'two'}"]
-    for cmd in (one, two):
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-12000:]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two = launch(recipe, tmp_path / "one"), launch(recipe, tmp_path / "two", processes=2)
     assert (one / "data" / "gatt.jsonl").read_text() == (two / "data" / "gatt.jsonl").read_text()
     assert read_manifest(two)["data"] == read_manifest(one)["data"]
     a, b = weights(one / "model"), weights(two / "model")

@@ -3,14 +3,12 @@ BPE tokenizer (``rlhf.models``), two reward models initialised from it (differen
 heads), 8 prompts."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch import launch
 from rlhf.recipe import load_recipe, validate
 from rlhf.ppo.config import PPOConfig
 
@@ -195,13 +193,7 @@ def test_two_processes_match_one(world, tmp_path):
     so two processes train what one does (up to float rounding)."""
     recipe = tmp_path / "ppo.yaml"
     recipe.write_text(json.dumps(_cfg(world, tmp_path / "unused").model_dump(mode="json")))  # JSON is YAML
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = [sys.executable, "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'one'}"]
-    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29547",
-           "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'two'}"]
-    for cmd in (one, two):
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
+    launch(recipe, tmp_path / "one"), launch(recipe, tmp_path / "two", processes=2)
     rows = [_metrics(tmp_path / name) for name in ("one", "two")]
     assert len(rows[1]) == 2 and rows[1][0]["kl"] == 0.0
     for key in ("reward_c", "kl", "response_length", "policy_loss", "value_loss"):

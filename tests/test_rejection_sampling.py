@@ -4,10 +4,6 @@ curves, prompt-masked fine-tuning rows, and the stage on a tiny world built here
 heads, 8 prompts): two rounds, a reward-model change, resume, and two processes."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from launch import launch
 import rlhf.rejection_sampling as rs
 from rlhf.configs import RejectionSamplingConfig
 from rlhf.data import Message, Prompt
@@ -327,21 +324,10 @@ def test_resume_samples_only_the_buckets_left(world, round1, tmp_path, monkeypat
     assert [s["responses"] for s in mine] == [s["responses"] for s in straight]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_sample_every_prompt_once_and_the_same(world, round1, tmp_path):
     recipe = tmp_path / "rs.yaml"
     recipe.write_text(yaml.safe_dump(_config(world, tmp_path / "rs")))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           "-m", "rlhf", "run", str(recipe)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path / "rs"
+    out = launch(recipe, tmp_path / "rs", processes=2)
     samples = _jsonl(out / "samples.jsonl")
     assert sorted(s["key"] for s in samples) == [f"p{i}" for i in range(8)]
     assert sorted(e["key"] for e in _jsonl(out / "pool.jsonl")) == [f"p{i}" for i in range(8)]

@@ -1,7 +1,6 @@
 """The reward model: built from a causal-LM checkpoint with every weight carried over (tied
 embeddings included), packed scoring == one sequence at a time, saved models reload."""
 
-import json
 
 import pytest
 import torch

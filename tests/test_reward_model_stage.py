@@ -3,16 +3,13 @@ embeddings), saved models reload (plain transformers too), training changes the 
 writes eval/, LoRA, resume == uninterrupted, 2 processes == 1, eval-rm on real HH-RLHF data."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from launch import launch
 from rlhf.data import Message
 from reward_model.config import RewardModelConfig
 
@@ -205,23 +202,11 @@ def test_resumed_stage_equals_uninterrupted(lm_dir, tmp_path, monkeypatch):
     assert [m["step"] for m in logged] == [1, 2, 3, 4]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_equal_one(lm_dir, tmp_path):
     data = recipe(tmp_path, lm_dir, max_steps=2)
     path = tmp_path / "rm.yaml"
     path.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    one = [sys.executable, "-m", "rlhf", "run", str(path), f"output_dir={tmp_path / 'one'}"]
-    two = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "rlhf", "run", str(path), f"output_dir={tmp_path / 'two'}"]
-    for cmd in (one, two):
-        done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    launch(path, tmp_path / "one"), launch(path, tmp_path / "two", processes=2)
     m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text())["metrics"] for d in ("one", "two"))
     assert m2["loss"] == pytest.approx(m1["loss"], abs=1e-5)
     assert m2["accuracy"] == m1["accuracy"]

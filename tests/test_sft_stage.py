@@ -1,15 +1,12 @@
 """The SFT stage end to end on a tiny Llama: outputs, resume, LoRA, 2 processes == 1, real checkpoint."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch import launch
 from rlhf.artifacts import read_manifest
 from rlhf.recipe import load_recipe
 from sft.config import SFTConfig
@@ -137,24 +134,11 @@ def test_lora_saves_a_merged_model_plain_transformers_loads(world, tmp_path):
     assert torch.equal(before["model.norm.weight"], after["model.norm.weight"])  # not adapted
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_match_one_on_the_same_global_batch(world, tmp_path):
     recipe = tmp_path / "sft.yaml"
     cfg = make_cfg(world, tmp_path / "unused", max_steps=3)
     recipe.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    bin_dir = Path(sys.executable).parent
-    one = [sys.executable, "-m", "rlhf", "run", str(recipe), f"output_dir={tmp_path / 'one'}"]
-    two = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "rlhf",
-           "run", str(recipe), f"output_dir={tmp_path / 'two'}"]
-    for cmd in (one, two):
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    launch(recipe, tmp_path / "one"), launch(recipe, tmp_path / "two", processes=2)
     losses = [[json.loads(x)["loss"] for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
               for n in ("one", "two")]
     assert len(losses[0]) == 3
