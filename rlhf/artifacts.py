@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 from datetime import datetime, timezone
 from importlib import metadata
@@ -39,6 +40,13 @@ class InputError(Exception):
 
 def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the processes of a distributed run (a no-op in a single process)."""
+    dist = sys.modules.get("torch.distributed")  # a distributed run has imported it already
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def now() -> str:
@@ -248,7 +256,9 @@ class StageRun:
             path.write_text("".join(line + "\n" for line in keep))
 
     def finish(self, metrics: dict[str, Any], **extra: Any) -> Path:
-        """Write the manifest last; drop the checkpoints once the outputs are in place."""
+        """Write the manifest last; drop the checkpoints once the outputs are in place and no
+        process reads them any more."""
+        wait_for_everyone()
         if self.main:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
             manifest = {
