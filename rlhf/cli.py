@@ -20,6 +20,19 @@ _EPILOG = """examples:
 """
 
 
+def _at_least(low: float, kind: type):
+    """An argparse type: a number of ``kind`` no smaller than ``low`` (else a usage error, exit 2)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected at least {low:g}, got {text}")
+        return value
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf",
@@ -67,8 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="a policy stage directory or a Hugging Face model directory")
     p.add_argument("--prompts", help="held-out prompts (default: data/quickstart/eval_prompts.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--samples", type=int, default=0, help="also score N sampled answers per prompt (key \"sampled\")")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of --samples")
+    p.add_argument("--samples", type=_at_least(0, int), default=0,
+                   help="also score N sampled answers per prompt (key \"sampled\")")
+    p.add_argument("--temperature", type=_at_least(1e-6, float), default=0.7, help="sampling temperature of --samples")
     p.set_defaults(func=_cmd_eval_gold)
 
     p = sub.add_parser("report", help="write the progress report of a pipeline or rounds directory")

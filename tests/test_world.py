@@ -159,3 +159,13 @@ def test_sampled_gold_at_a_near_zero_temperature_scores_the_greedy_answers(tmp_p
     assert sampled == {**cold, "n": {k: 3 * n for k, n in cold["n"].items()}, "samples": 3, "temperature": 1e-4}
     hot = evaluate_gold(model, path, max_new_tokens=4, samples=3, temperature=1.0)
     assert hot == evaluate_gold(model, path, max_new_tokens=4, samples=3, temperature=1.0)
+
+
+def test_eval_gold_refuses_what_is_not_a_model(tmp_path, capsys):
+    from rlhf.cli import main
+
+    assert main(["eval-gold", str(tmp_path)]) == 2
+    assert f"{tmp_path}: not a policy stage directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval-gold", str(tmp_path), "--samples", "-1"])
+    assert exit_.value.code == 2
