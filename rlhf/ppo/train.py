@@ -109,6 +109,32 @@ class Timer:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def collect_rollouts(accelerator, models, batch: list, seeds: list[int], cfg: PPOConfig, timer: Timer) -> Rollouts:
+    """This process's rollouts of one iteration, with the frozen policy and critic."""
+    prompt_ids = [ids for _, ids in batch]
+    policy = accelerator.unwrap_model(models.policy).eval()
+    critic = accelerator.unwrap_model(models.critic).eval()
+    with torch.no_grad(), accelerator.autocast():
+        # 1. generate
+        with timer("generation"):
+            samples = generate(policy, prompt_ids, seeds, models.tokenizer, cfg)
+        # 2. score with both reward models and gate (probability scale)
+        with timer("scoring"):
+            r_h, r_s = score_both(models, [p for p, _ in batch], samples.texts, cfg, accelerator.device)
+            is_safety = torch.tensor([float(p.is_safety) for p, _ in batch], device=accelerator.device)
+            gated = safety_gate(r_h, r_s, is_safety, cfg.ppo.gate_threshold)
+        # 3. log pi_old, log pi_0 and V_old per generated token
+        with timer("forward"):
+            forward = dict(prompt_ids=prompt_ids, response_ids=samples.response_ids,
+                           tokens=cfg.ppo.forward_tokens, device=accelerator.device)
+            logprobs = per_token(lambda b: policy_logprobs(policy, b, cfg.generation.temperature), **forward)
+            with reference(policy, models.ref) as ref:
+                ref_logprobs = per_token(lambda b: policy_logprobs(ref, b, cfg.generation.temperature), **forward)
+            values = per_token(lambda b: critic_values(critic, b), **forward)
+    return Rollouts(prompt_ids, samples.response_ids, logprobs, ref_logprobs, values,
+                    r_h, r_s, gated.reward, gated.used_safety.float(), is_safety)
+
+
 def run(cfg: PPOConfig) -> Path:
     run = StageRun(cfg).start()
     accelerator = make_accelerator(cfg.train, cfg.report_to, run.dir)
@@ -137,29 +163,9 @@ def run(cfg: PPOConfig) -> Path:
         order = iteration_prompts(len(prompts), cfg.ppo.prompts_per_iteration, cfg.seed, iteration)
         mine = micro_batches(range(len(order)), rank, world, len(order))[0]  # places in the iteration
         batch = [prompts[order[k]] for k in mine]
-        prompt_ids = [ids for _, ids in batch]
-        policy = accelerator.unwrap_model(models.policy).eval()
-        critic = accelerator.unwrap_model(models.critic).eval()
-        with torch.no_grad(), accelerator.autocast():
-            # 1. generate: response k of the iteration drawn with its own seed
-            with timer("generation"):
-                seeds = [row_seed(cfg.seed, "ppo", iteration, k) for k in mine]
-                samples = generate(policy, prompt_ids, seeds, models.tokenizer, cfg)
-            # 2. score with both reward models and gate (probability scale)
-            with timer("scoring"):
-                r_h, r_s = score_both(models, [p for p, _ in batch], samples.texts, cfg, accelerator.device)
-                is_safety = torch.tensor([float(p.is_safety) for p, _ in batch], device=accelerator.device)
-                gated = safety_gate(r_h, r_s, is_safety, cfg.ppo.gate_threshold)
-            # 3. log pi_old, log pi_0 and V_old per generated token
-            with timer("forward"):
-                forward = dict(prompt_ids=prompt_ids, response_ids=samples.response_ids,
-                               tokens=cfg.ppo.forward_tokens, device=accelerator.device)
-                logprobs = per_token(lambda b: policy_logprobs(policy, b, cfg.generation.temperature), **forward)
-                with reference(policy, models.ref) as ref:
-                    ref_logprobs = per_token(lambda b: policy_logprobs(ref, b, cfg.generation.temperature), **forward)
-                values = per_token(lambda b: critic_values(critic, b), **forward)
-        ro = gather(accelerator, Rollouts(prompt_ids, samples.response_ids, logprobs, ref_logprobs, values,
-                                          r_h, r_s, gated.reward, gated.used_safety.float(), is_safety))
+        seeds = [row_seed(cfg.seed, "ppo", iteration, k) for k in mine]  # response k: its own seed
+        # 1-3. generate, score and gate, log pi_old / log pi_0 / V_old per token; all processes'
+        ro = gather(accelerator, collect_rollouts(accelerator, models, batch, seeds, cfg, timer))
         # 4. per-token rewards: WHITEN(LOGIT(R_c)) on the last token, -beta * KL on every token
         mask = ro.mask  # (B, T)
         kl = kl_penalty(ro.logprobs, ro.ref_logprobs, cfg.ppo.kl_estimator) * mask  # (B, T)
