@@ -85,8 +85,8 @@ def run_ours(root: Path, args) -> tuple[list[dict], list[float]]:
     """Our per-iteration metrics and CPU seconds (read at each iteration's metrics line)."""
     from rlhf.artifacts import StageRun
     from rlhf.ppo.config import PPOConfig
-    from rlhf.ppo.train import run
-    from rlhf.recipe import validate
+    from rlhf.ppo.stage import run
+    from rlhf.config import validate
 
     marks, log = [time.process_time()], StageRun.log
 

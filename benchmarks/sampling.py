@@ -120,9 +120,9 @@ def main() -> None:
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.model:
-        from rlhf.models import load_causal_lm, load_tokenizer
+        from rlhf.models import load_policy, load_tokenizer
 
-        tokenizer, model = load_tokenizer(args.model), load_causal_lm(args.model).to(device).eval()
+        tokenizer, model = load_tokenizer(args.model), load_policy(args.model, device)[0]
     else:
         tokenizer, model = make_tokenizer(args.vocab), make_model(args.vocab, args.hidden, args.layers, device)
     prompts = make_prompts(args.prompts, len(tokenizer), args.seed)

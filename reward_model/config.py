@@ -26,13 +26,7 @@ from pydantic import Field, field_validator
 
 from rlhf.data.config import DataConfig, RatingLabel, SourceConfig
 from rlhf.data.records import RATING_ALIASES, RATINGS
-from rlhf.recipe import ModelConfig, StageConfig, Strict, TrainConfig
-
-
-class RMModelConfig(ModelConfig):
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel; each keeps packed sequences apart via position ids "
-        "(flash_attention_2 skips the masked-out blocks, the others compute and mask them).")
+from rlhf.config import POLICY_KINDS, ModelConfig, StageConfig, Strict, Template, TrainConfig
 
 
 class RMDataConfig(DataConfig):
@@ -43,7 +37,7 @@ class RMDataConfig(DataConfig):
     overlong: Literal["truncate_left", "drop"] = Field(
         "truncate_left", description="Sequences longer than max_length: keep their last max_length "
         "tokens (the reward is read at the end), or leave the pair out (both counted).")
-    template: Literal["llama2", "tokenizer"] = Field(
+    template: Template = Field(
         "llama2", description="Chat format: Llama 2's [INST] format, or the tokenizer's template.")
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Share of every source held out for evaluation before "
@@ -93,13 +87,13 @@ class RMEvalConfig(Strict):
 
 class RewardModelConfig(StageConfig):
     INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "model_from": ("base_model", "sft", "rejection_sampling", "hf"),
+        "model_from": POLICY_KINDS,
     }
 
     stage: Literal["reward_model"] = "reward_model"
     output_dir: Path = Path("runs/reward_model")
     model_from: Path
-    model: RMModelConfig = RMModelConfig()
+    model: ModelConfig = ModelConfig()
     data: RMDataConfig
     loss: RMLossConfig = RMLossConfig()
     train: RMTrainConfig = RMTrainConfig()

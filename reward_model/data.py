@@ -2,7 +2,7 @@
 
 Each pair is tokenized once, before training, as two sequences (prompt + chosen, prompt +
 rejected). A micro-batch of pairs is collated into packed rows holding every chosen and
-rejected sequence (restarting position ids keep them apart; ``reward_model.model.pack_rows``),
+rejected sequence (restarting position ids keep them apart; ``rlhf.packing.pack_rows``),
 so both sides are scored in one forward and short sequences fill rows instead of padding.
 """
 
@@ -18,7 +18,8 @@ import torch
 from rlhf.data import DataConfig, DataError, LoadedData, PreferencePair, Problem, load_data, mix
 from reward_model.config import RMDataConfig, RMLossConfig
 from reward_model.losses import margin_ranking_loss, margin_table, pair_margin
-from reward_model.model import pack_rows, response_ids
+from reward_model.model import response_ids
+from rlhf.packing import pack_rows
 
 
 @dataclass

@@ -9,7 +9,7 @@ input/output embeddings once (as ``lm_head.weight``) would leave the classifier'
 embeddings randomly initialised that way.
 
 ``RewardModel`` wraps those weights with a packed forward: sequences share rows with restarting
-position ids (``sft.packing``) and each sequence's reward is read at its last token, so chosen
+position ids (``rlhf.packing``) and each sequence's reward is read at its last token, so chosen
 and rejected are scored in one forward. Rows are as long as the longest sequence (``pack_rows``):
 the short sequences fill the rows instead of padding, and attention, computed over a whole row
 by the sdpa and eager kernels, costs no more than one padded sequence would.
@@ -19,44 +19,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from rlhf.artifacts import model_dir
 from rlhf.data.chat import render
 from rlhf.data.records import Message
-from sft.packing import best_fit_rows, pack_sequences
+from rlhf.models import load_policy, load_tokenizer
+from rlhf.packing import length_chunks, pack_rows
 
 REWARD_CONFIG = "reward_config.json"  # chat template and max length the model was trained with
-
-
-class PackedRows(NamedTuple):
-    """Sequences best-fit into rows as long as the longest one.
-
-    input_ids, position_ids: (R, T) positions restart at 0 for each sequence; the tail of a
-                             row is padding, a block of its own that no sequence attends to
-    ends:                    (N, 2) (row, index) of each sequence's last token, in input order
-    """
-
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    ends: torch.Tensor
-
-
-def pack_rows(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> PackedRows:
-    """Best-fit (``sft.packing.best_fit_rows``) into rows of the longest length. Example:
-    lengths [4, 1, 2, 3] -> rows [0], [1, 3], [2], 4 tokens wide (1 fills row 1 after 3;
-    row 2 ends in 2 padding tokens)."""
-    lengths = [len(s) for s in seqs]
-    width = max(lengths)
-    ids, positions, ends = [], [], [None] * len(seqs)
-    for r, group in enumerate(best_fit_rows(lengths, width)):
-        packed = pack_sequences([seqs[i] for i in group], pad_id, pad_to=width)
-        ids.append(packed.input_ids)
-        positions.append(packed.position_ids)
-        for i, end in zip(group, packed.ends):
-            ends[i] = (r, end)
-    return PackedRows(torch.cat(ids), torch.cat(positions), torch.tensor(ends))
 
 
 def response_ids(prompt: Sequence[Message], response: str, tokenizer: Any, template: str = "llama2") -> list[int]:
@@ -79,9 +52,7 @@ def init_reward_model(source: str | Path, pad_token_id: int, seed: int = 0, **lo
     the causal LM at ``source`` and whose head is new (normal, std ``initializer_range``)."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf.models import load_causal_lm
-
-    lm = load_causal_lm(source, **load_kwargs)
+    lm, _ = load_policy(source, **load_kwargs)
     config = lm.config
     config.num_labels, config.architectures, config.pad_token_id = 1, None, pad_token_id
     with torch.device("meta"):  # only the head is allocated; the backbone is the LM's
@@ -134,7 +105,7 @@ class RewardModel(torch.nn.Module):
         hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         backbone = getattr(hf, hf.base_model_prefix)
         # use_cache=False: with a cache transformers ignores the restarts and lets sequences
-        # attend to each other (see sft.packing)
+        # attend to each other (see rlhf.packing)
         hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         picked = hidden[ends[:, 0], ends[:, 1]] if ends.ndim == 2 else hidden[0, ends]  # (N, H)
         return hf.score(picked).squeeze(-1).float()  # (N,)
@@ -177,27 +148,10 @@ class RewardModel(torch.nn.Module):
         return RewardModel(self.model.merge_and_unload(), self.tokenizer, self.template, self.max_length)
 
 
-def length_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices by decreasing length, cut into chunks of at most ``budget`` tokens (a longer
-    sequence alone); similar lengths share a chunk, so its rows waste little padding."""
-    chunks: list[list[int]] = []
-    total = budget
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        if total + lengths[i] > budget:
-            chunks.append([])
-            total = 0
-        chunks[-1].append(i)
-        total += lengths[i]
-    return chunks
-
-
 def load_reward_model(path: str | Path, device: str | torch.device | None = None, **load_kwargs: Any) -> RewardModel:
     """A saved reward model (a reward_model stage directory or its ``model/``), in eval mode.
     A LoRA adapter saved unmerged is applied to a reward model built from its base."""
     from transformers import AutoModelForSequenceClassification
-
-    from rlhf.artifacts import model_dir
-    from rlhf.models import load_tokenizer
 
     path = model_dir(Path(path))
     tokenizer = load_tokenizer(path)

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from rlhf.recipe import StageConfig
+from rlhf.config import StageConfig
 
 MANIFEST = "manifest.json"
 LOCK = "running.lock"

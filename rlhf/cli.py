@@ -108,9 +108,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_eval_rm(args: argparse.Namespace) -> int:
-    from reward_model.evaluate import run_eval_rm
+    from rlhf.stages import command
 
-    print_json(run_eval_rm(args.model_dir, args.data, args.format, args.threshold, args.max_pairs, args.out))
+    print_json(command("eval-rm")(args.model_dir, args.data, args.format, args.threshold, args.max_pairs, args.out))
     return 0
 
 
@@ -153,19 +153,21 @@ def _cmd_round_status(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from rlhf.pipeline import run_recipe
-    from rlhf.recipe import RecipeError, load_recipe, read_yaml
+    from rlhf.recipe import load_recipe
 
-    if "initial_policy" in read_yaml(args.recipe):
-        raise RecipeError(f"{args.recipe}: a round recipe; run it with `rlhf round run RUN --recipe {args.recipe}`")
     out = run_recipe(load_recipe(args.recipe, args.overrides))
     print(f"[rlhf] done: {out}")
     return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from rlhf.recipe import load_recipe, to_yaml
+    from rlhf.recipe import load_recipe, read_yaml, to_yaml
+    from rlhf.rounds import preview_round
 
-    print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    if "initial_policy" in read_yaml(args.recipe):  # a round recipe: shown as its first round
+        print(to_yaml(preview_round(args.recipe, args.overrides)), end="")
+    else:
+        print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
     return 0
 
 
@@ -199,8 +201,8 @@ def _cmd_data_validate(args: argparse.Namespace) -> int:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean a user mistake: print the message, exit 2, no traceback."""
     from rlhf.artifacts import InputError
+    from rlhf.config import RecipeError
     from rlhf.data import DataError
-    from rlhf.recipe import RecipeError
 
     return RecipeError, InputError, DataError
 

@@ -22,9 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
+
+from rlhf.config import SamplingConfig
+from rlhf.data.chat import render_prompt
+from rlhf.data.records import Message
 
 
 def row_seed(*parts: Any) -> int:
@@ -77,22 +81,14 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.dev
 
 
 class Generation(NamedTuple):
-    """The rows of one ``generate`` call (what PPO-style callers need as tensors).
+    """The rows of one ``generate`` call.
 
-    prompt_ids:     (B, W) prompts, left-padded with pad
     response_ids:   (B, T) generated tokens; pad after each row's end (its EOS is kept)
-    attention_mask: (B, W + T) 1 on real prompt and response tokens
     response_mask:  (B, T) 1 on generated tokens
     """
 
-    prompt_ids: torch.Tensor
     response_ids: torch.Tensor
-    attention_mask: torch.Tensor
     response_mask: torch.Tensor
-
-    @property
-    def sequences(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.response_ids], -1)  # (B, W + T)
 
     def responses(self) -> list[list[int]]:
         """Each row's generated tokens, up to and including its EOS."""
@@ -159,7 +155,7 @@ def generate(
         position = position + 1
         logits = _last_logits(model, token[:, None], mask, position, cache)
     response_mask = (torch.arange(steps, device=device) < lengths[:, None]).long()  # (B, T)
-    return Generation(prompts, out[:, :steps], torch.cat([prompt_mask, response_mask], -1), response_mask)
+    return Generation(out[:, :steps], response_mask)
 
 
 class Samples(NamedTuple):
@@ -185,3 +181,19 @@ def sample(
             responses[i] = response
     texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
     return Samples(responses, texts)
+
+
+# A sampler answers a batch of conversations (each ending with a user turn); ``keys`` name each
+# one (its random stream), so a conversation gets the same answer whatever batch it is in.
+Sampler = Callable[[list[list[Message]], list[str]], list[str]]
+
+
+def make_sampler(model, tokenizer, cfg: SamplingConfig, template: str, seed: int) -> Sampler:
+    """Answers from ``model`` (``rlhf.generation``), conversation ``key`` drawing from its own
+    seeded stream."""
+    def sampler(conversations: list[list[Message]], keys: list[str]) -> list[str]:
+        ids = [render_prompt(c, tokenizer, template) for c in conversations]
+        seeds = [row_seed(seed, key) for key in keys]
+        return sample(model, tokenizer, ids, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size).texts
+
+    return sampler

@@ -1,21 +1,17 @@
-"""Models and tokenizers: load local Hugging Face checkpoints, and make a base model from
-nothing (a tokenizer trained in-process, a randomly initialised Llama of a named size).
-
-The ``base_model`` stage writes ``model/`` (weights + tokenizer) either way, so the stages after
-it read one kind of directory whether the user brought a checkpoint or the quickstart made one.
+"""Models and tokenizers: the one loader of policies (local Hugging Face checkpoints or stage
+directories), the one rule for the dtype and device of models that only run forwards, and a
+base model from nothing (a tokenizer trained in-process, a randomly initialised Llama of a
+named size).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 
-from rlhf.artifacts import StageRun, resolve_input
-from rlhf.data.records import DataError, Problem
+from rlhf.artifacts import model_dir
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 # The Llama 2 chat markers become single tokens (the renderer writes them as text).
@@ -40,11 +36,28 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any):
-    """A causal LM from a local directory (never the hub)."""
+def load_policy(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """A causal LM (a policy stage directory's ``model/`` or a Hugging Face model directory,
+    never the hub) on ``device`` in ``dtype``, in eval mode, and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(Path(path), dtype=dtype, local_files_only=True, **kwargs)
+    source = model_dir(Path(path))
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True, **kwargs)
+    return model.to(device).eval(), load_tokenizer(source)
+
+
+def inference_dtype(mixed_precision: str, device: str | torch.device) -> torch.dtype:
+    """The dtype of a model that only runs forwards (a sampler, a reward model): bf16 when the
+    stage trains in bf16 on a GPU, else float32 (CPUs run bf16 slower, and fp16 weights
+    overflow)."""
+    return torch.bfloat16 if mixed_precision == "bf16" and torch.device(device).type == "cuda" else torch.float32
+
+
+def default_device() -> torch.device:
+    """The GPU when there is one (commands that run outside a launcher), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
@@ -84,48 +97,3 @@ def build_model(size: str, vocab_size: int, seed: int = 0, max_positions: int = 
     return LlamaForCausalLM(config)
 
 
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, (dict, list)):
-        for v in value.values() if isinstance(value, dict) else value:
-            yield from _strings(v)
-
-
-def read_corpus(paths: Iterable[Path]) -> list[str]:
-    """Every string value in JSONL files (every line of other files). A line that is not UTF-8
-    or not JSON raises ``DataError`` naming the file and line."""
-    texts: list[str] = []
-    for path in map(Path, paths):
-        with open(path, "rb") as fh:
-            for number, raw in enumerate(fh, 1):
-                try:
-                    line = raw.decode("utf-8")
-                    texts += _strings(json.loads(line)) if path.suffix == ".jsonl" else [line]
-                except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise DataError([Problem(str(path), number, "corpus", f"{type(exc).__name__}: {exc}")]) from exc
-    return texts
-
-
-def run_base_model(cfg) -> Path:
-    """The base_model stage: copy a local checkpoint, or build tokenizer + model from scratch."""
-    paths = cfg.tokenizer.corpus if cfg.tokenizer else []
-    corpus = read_corpus(resolve_input(f"tokenizer.corpus.{i}", p, ()) for i, p in enumerate(paths))
-    run = StageRun(cfg).start()
-    out = run.dir / "model"
-    if cfg.from_pretrained is not None:
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(cfg.from_pretrained, out)
-        model, tokenizer = load_causal_lm(out), load_tokenizer(out)
-    else:
-        tokenizer = train_tokenizer(corpus, cfg.tokenizer.vocab_size)
-        model = build_model(
-            cfg.model.size, len(tokenizer), cfg.seed, cfg.model.max_positions, cfg.model.tie_embeddings,
-            tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-        )
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    metrics = {"parameters": sum(p.numel() for p in model.parameters()), "vocab_size": len(tokenizer)}
-    return run.finish(metrics)

@@ -13,18 +13,11 @@ from typing import Any
 
 import yaml
 
-from rlhf.artifacts import is_main_process, is_up_to_date, read_manifest, release_lock, stage_state
-from rlhf.recipe import Pipeline, StageConfig
+from rlhf.artifacts import is_main_process, is_up_to_date, read_manifest, release_lock, stage_state, wait_for_everyone
+from rlhf.config import StageConfig
+from rlhf.recipe import Pipeline
 
 PIPELINE_FILE = "pipeline.yaml"
-
-
-def _barrier() -> None:
-    """Wait for every process between stages when running under torchrun / accelerate."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def run_stage(cfg: StageConfig, name: str | None = None) -> Path:
@@ -43,7 +36,7 @@ def run_stage(cfg: StageConfig, name: str | None = None) -> Path:
         out = stage_function(cfg.stage)(cfg)
     finally:
         release_lock(cfg.output_dir)
-    _barrier()
+    wait_for_everyone()  # every process between stages
     return out
 
 

@@ -30,9 +30,8 @@ import yaml
 from pydantic import Field
 
 from rlhf.artifacts import is_main_process, now, read_manifest, write_json_atomic
-from rlhf.recipe import (
-    Pipeline, PipelineConfig, PipelineStage, RecipeError, StageConfig, Strict, read_yaml, resolve_stages, validate,
-)
+from rlhf.config import RecipeError, StageConfig, Strict, validate
+from rlhf.recipe import Pipeline, PipelineConfig, PipelineStage, apply_overrides, read_yaml, resolve_stages
 
 BatchKind = Literal["helpfulness", "safety"]
 ROUND_RECIPE = "round.yaml"
@@ -126,9 +125,10 @@ def _recipes_dir(stored: Path) -> Path:
     return Path(first.removeprefix("# recipes_dir: ")) if first.startswith("# recipes_dir: ") else stored.parent
 
 
-def preview_round(path: Path, data: dict[str, Any]) -> Pipeline:
+def preview_round(path: Path, overrides: list[str] = ()) -> Pipeline:
     """A round recipe resolved as round 1 of a run ``RUN`` with one batch ``NNN`` (for
     ``rlhf show`` and recipe checks)."""
+    data = apply_overrides(read_yaml(path), list(overrides))
     cfg: RoundConfig = validate(RoundConfig, data, str(path))
     batch = {"id": "NNN", "dir": Path("RUN/batches/NNN"), "format": cfg.batch_format,
              "files": {kind: {"file": f"{kind}.jsonl"} for kind in ("helpfulness", "safety")}}

@@ -11,14 +11,20 @@ from importlib import import_module
 from typing import Any, Callable
 
 STAGES: dict[str, tuple[str, str]] = {
-    "base_model": ("rlhf.configs:BaseModelConfig", "rlhf.models:run_base_model"),
+    "base_model": ("rlhf.base_model.config:BaseModelConfig", "rlhf.base_model.stage:run"),
     "sft": ("sft.config:SFTConfig", "sft.stage:run"),
     "reward_model": ("reward_model.config:RewardModelConfig", "reward_model.stage:run"),
-    "rejection_sampling": ("rlhf.configs:RejectionSamplingConfig", "rlhf.rejection_sampling:run"),
-    "ppo": ("rlhf.ppo.config:PPOConfig", "rlhf.ppo.train:run"),
-    "gatt": ("rlhf.method_configs:GAttConfig", "rlhf.gatt:run"),
-    "context_distillation": ("rlhf.method_configs:ContextDistillationConfig", "rlhf.context_distillation:run"),
-    "evaluate": ("rlhf.configs:EvaluateConfig", "rlhf.evaluate:run"),
+    "rejection_sampling": ("rlhf.rejection_sampling.config:RejectionSamplingConfig", "rlhf.rejection_sampling.stage:run"),
+    "ppo": ("rlhf.ppo.config:PPOConfig", "rlhf.ppo.stage:run"),
+    "gatt": ("rlhf.gatt.config:GAttConfig", "rlhf.gatt.stage:run"),
+    "context_distillation": ("rlhf.context_distillation.config:ContextDistillationConfig",
+                             "rlhf.context_distillation.stage:run"),
+    "evaluate": ("rlhf.evaluate.config:EvaluateConfig", "rlhf.evaluate.stage:run"),
+}
+
+# Commands of the CLI that live in a stage package (the core never imports a stage).
+COMMANDS: dict[str, str] = {
+    "eval-rm": "reward_model.evaluate:run_eval_rm",
 }
 
 
@@ -37,3 +43,7 @@ def config_class(stage: str) -> type:
 
 def stage_function(stage: str) -> Callable:
     return _load(STAGES[stage][1])
+
+
+def command(name: str) -> Callable:
+    return _load(COMMANDS[name])

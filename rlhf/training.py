@@ -30,7 +30,7 @@ import torch
 
 from rlhf.artifacts import StageRun
 from rlhf.progress import Progress
-from rlhf.recipe import LoraConfig, ModelConfig, RecipeError, TrainConfig
+from rlhf.config import LoraConfig, ModelConfig, RecipeError, TrainConfig
 
 
 class TrainItem(Protocol):

@@ -19,12 +19,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from rlhf.data.config import DataConfig
-from rlhf.recipe import ModelConfig, StageConfig, TrainConfig
-
-
-class SFTModelConfig(ModelConfig):
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
-        "sdpa", description="Attention kernel; each keeps packed examples apart via position ids.")
+from rlhf.config import POLICY_KINDS, ModelConfig, StageConfig, Strict, Template, TrainConfig
 
 
 class SFTDataConfig(DataConfig):
@@ -38,7 +33,7 @@ class SFTDataConfig(DataConfig):
         "(both counted in the manifest).")
     loss_on: Literal["all", "last"] = Field(
         "all", description="Train on every assistant turn, or only the last (Ghost Attention).")
-    template: Literal["llama2", "tokenizer"] = Field(
+    template: Template = Field(
         "llama2", description="Chat format: Llama 2's [INST] format, or the tokenizer's template.")
 
 
@@ -51,14 +46,31 @@ class SFTTrainConfig(TrainConfig):
     eps: float = Field(1e-5, gt=0)
 
 
+class GenerationDataConfig(SFTDataConfig):
+    """Prompts to generate from (kind ``prompts``), and how the generated conversations are
+    rendered for fine-tuning: always with the loss on the last assistant turn only."""
+
+    loss_on: Literal["last"] = Field("last", description="Only the last assistant turn is trained on.")
+    max_prompts: int | None = Field(None, gt=0, description="Use at most this many prompts.")
+
+
+class ReplayConfig(Strict):
+    """SFT conversations replayed along with generated ones."""
+
+    replay: DataConfig | None = Field(
+        None, description="SFT conversations (kind `sft`) trained on along with the generated "
+        "ones (loss on their last answer), so the policy keeps its other skills; a `mixture` "
+        "part with `take: N` replays N of them.")
+
+
 class SFTConfig(StageConfig):
     INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "model_from": ("base_model", "sft", "rejection_sampling", "hf"),
+        "model_from": POLICY_KINDS,
     }
 
     stage: Literal["sft"] = "sft"
     output_dir: Path = Path("runs/sft")
     model_from: Path
-    model: SFTModelConfig = SFTModelConfig()
+    model: ModelConfig = ModelConfig()
     data: SFTDataConfig
     train: SFTTrainConfig = SFTTrainConfig()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from rlhf.data import DataError, Problem, Rendered, SFTExample, render
 from sft.config import SFTDataConfig
-from sft.packing import best_fit_rows, pack_sequences
+from rlhf.packing import best_fit_rows, pack_sequences
 
 IGNORE = -100  # target of positions without loss
 

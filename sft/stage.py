@@ -1,4 +1,5 @@
-"""The SFT stage: fine-tune a causal LM on conversations, with the loss on the answers only.
+"""The SFT stage, and the one fine-tuning path every stage that trains a policy on
+conversations goes through (rejection sampling, Ghost Attention, context distillation).
 
 Reads top to bottom: load the model and data, tokenize and pack once, train with the shared
 loop (``rlhf.training``), save ``model/`` and the manifest. Our own loop rather than
@@ -11,34 +12,50 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any, Sequence
 
-from rlhf.artifacts import StageRun, model_dir
-from rlhf.data import load_data
-from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.artifacts import StageRun
+from rlhf.data import SFTExample, load_data
+from rlhf.models import load_policy
 from rlhf.training import make_accelerator, prepare_model, save_model, train_loop
 from sft.config import SFTConfig
 from sft.data import build_rows, collate, sft_loss
 
 
+def fine_tune(run: StageRun, accelerator, source: Path, examples: Sequence[SFTExample], cfg: Any) -> tuple[dict, dict]:
+    """Fine-tune the causal LM at ``source`` on ``examples``: ``cfg.data`` renders them (masked,
+    fitted to ``max_length``, packed), ``cfg.train`` and ``cfg.model`` drive the shared loop,
+    which resumes from ``run.checkpoints``; saves ``model/``. Returns the training metrics and
+    the data counts."""
+    # 1. model and tokenizer
+    model, tokenizer = load_policy(source, attn_implementation=cfg.model.attn_implementation)
+    model = prepare_model(model, cfg.model)
+    # 2. data: rendered, fitted to max_length and packed once
+    rows, counts = build_rows(examples, tokenizer, cfg.data)
+    accelerator.print(
+        f"[rlhf] {cfg.stage}: {counts['examples_used']}/{counts['examples']} examples in {counts['packed_rows']} rows "
+        f"(truncated {counts['truncated']}, dropped {counts['dropped_overlong'] + counts['dropped_no_loss']})"
+    )
+    # 3. train (flash attention keeps packed examples apart only in one flattened row per
+    #    micro-batch), then save the model in Hugging Face format
+    flatten = cfg.model.attn_implementation == "flash_attention_2"
+    metrics = train_loop(run, model, rows, partial(collate, flatten=flatten), sft_loss, cfg.train, cfg.seed,
+                         accelerator, desc=f"{cfg.stage} fine-tune")
+    save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora)
+    return metrics, counts
+
+
+def fine_tune_generated(run: StageRun, accelerator, source: Path, generated: Sequence[SFTExample], cfg: Any) -> tuple[dict, dict]:
+    """``fine_tune`` for the stages that generate their examples: the generated ones plus the
+    ``data.replay`` SFT conversations, counted apart."""
+    replay = load_data(cfg.data.replay, "sft", cfg.seed).records if cfg.data.replay else []
+    metrics, counts = fine_tune(run, accelerator, source, [*generated, *replay], cfg)
+    return metrics, {"generated_examples": len(generated), "replay_examples": len(replay), **counts}
+
+
 def run(cfg: SFTConfig) -> Path:
     run = StageRun(cfg).start()
     accelerator = make_accelerator(cfg.train, cfg.report_to, run.dir)
-    # 1. model and tokenizer
-    source = model_dir(cfg.model_from)
-    tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source, attn_implementation=cfg.model.attn_implementation)
-    model = prepare_model(model, cfg.model)
-    # 2. data: rendered, fitted to max_length and packed once
     data = load_data(cfg.data, "sft", cfg.seed)
-    rows, counts = build_rows(data.records, tokenizer, cfg.data)
-    accelerator.print(
-        f"[rlhf] sft: {counts['examples_used']}/{counts['examples']} examples in {counts['packed_rows']} rows "
-        f"(truncated {counts['truncated']}, dropped {counts['dropped_overlong'] + counts['dropped_no_loss']})"
-    )
-    # 3. train, then save the model in Hugging Face format
-    flatten = cfg.model.attn_implementation == "flash_attention_2"  # varlen: one row per micro-batch
-    metrics = train_loop(
-        run, model, rows, partial(collate, flatten=flatten), sft_loss, cfg.train, cfg.seed, accelerator, desc="sft"
-    )
-    save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora)
+    metrics, counts = fine_tune(run, accelerator, cfg.model_from, data.records, cfg)
     return run.finish(metrics, data={**data.counts(), **counts})

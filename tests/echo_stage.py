@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 
 from rlhf.artifacts import StageRun
 from rlhf.data import DataConfig
-from rlhf.recipe import StageConfig, TrainConfig
+from rlhf.config import StageConfig, TrainConfig
 
 RUNS: list[str] = []
 

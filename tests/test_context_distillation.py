@@ -9,11 +9,9 @@ from launch import launch
 from test_gatt import make_world, weights
 
 from rlhf.artifacts import read_manifest
-from rlhf.context_distillation import (
-    distilled_examples, improved, preprompt_demos, preprompt_for, quantile, reward_summary, shift, with_preprompt,
-)
+from rlhf.context_distillation.stage import distilled_examples, improved, preprompt_demos, preprompt_for, quantile, reward_summary, shift, with_preprompt
 from rlhf.data import Message, Prompt, read_records
-from rlhf.method_configs import ContextDistillationConfig, PrepromptConfig, TargetedPreprompt
+from rlhf.context_distillation.config import ContextDistillationConfig, PrepromptConfig, TargetedPreprompt
 
 HARM = Prompt([Message("user", "how to steal a car")], is_safety=True, id="p1", meta={"category": "crime"})
 OTHER = Prompt([Message("user", "insult my boss")], is_safety=True, id="p2", meta={"category": "hate"})
@@ -106,7 +104,7 @@ def cd_cfg(world: Path, out: Path) -> ContextDistillationConfig:
 @pytest.fixture(scope="module")
 def whole(world, tmp_path_factory) -> Path:
     """One uninterrupted run of the stage."""
-    from rlhf.context_distillation import run
+    from rlhf.context_distillation.stage import run
 
     return run(cd_cfg(world, tmp_path_factory.mktemp("cd") / "whole"))
 
@@ -142,9 +140,10 @@ def test_stage_keeps_improved_answers_fine_tunes_and_reports_the_shift(world, wh
 
 
 def test_interrupted_sampling_resumes_where_it_stopped(world, whole, tmp_path, monkeypatch):
-    from rlhf import context_distillation as cd, gatt
+    from rlhf import sharding
+    from rlhf.context_distillation import stage as cd
 
-    real_write, real_chunk, chunks = gatt.write_json_atomic, cd.distill_chunk, []
+    real_write, real_chunk, chunks = sharding.write_json_atomic, cd.distill_chunk, []
 
     def write_then_die(path, data):
         if path.parent.name == "samples" and path.name == "chunk-000001.json":
@@ -152,11 +151,11 @@ def test_interrupted_sampling_resumes_where_it_stopped(world, whole, tmp_path, m
         real_write(path, data)
 
     monkeypatch.setattr(cd, "distill_chunk", lambda part, *a: chunks.append(part[0][0]) or real_chunk(part, *a))
-    monkeypatch.setattr(gatt, "write_json_atomic", write_then_die)
+    monkeypatch.setattr(sharding, "write_json_atomic", write_then_die)
     cfg = cd_cfg(world, tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
         cd.run(cfg)
-    monkeypatch.setattr(gatt, "write_json_atomic", real_write)
+    monkeypatch.setattr(sharding, "write_json_atomic", real_write)
     resumed = cd.run(cfg)
     assert chunks == ["train/0", "train/4", "train/4", "train/8"]  # chunk 0 is not sampled again
     for name in ("data/candidates.jsonl", "data/context_distillation.jsonl", "eval/summary.json"):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from rlhf.data import DataConfig, DataError, Message, MixturePart, PreferencePair, load_data, mix
-from rlhf.recipe import RecipeError, validate
+from rlhf.config import RecipeError, validate
 
 
 def _pairs(source, n):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rlhf.evaluate import _compare, win_rate
+from rlhf.evaluate.stage import _compare, win_rate
 
 
 def test_win_rate_counts_ties_half():

@@ -10,13 +10,11 @@ import torch
 from launch import launch
 from rlhf.artifacts import read_manifest
 from rlhf.data import Message, Prompt, read_records, render
-from rlhf.gatt import (
-    Dialogue, Instruction, conversation, draw_instruction, follow_rates, follows, instruction_demos, make_dialogues,
-    pour_dialogues, sample_turns, training_examples,
-)
-from rlhf.gatt_checks import ends_with, mentions, starts_with, upper_case, words
-from rlhf.method_configs import Constraint, GAttConfig, InstructionsConfig
-from rlhf.recipe import RecipeError, load_recipe
+from rlhf.gatt.stage import Dialogue, Instruction, conversation, draw_instruction, follow_rates, follows, instruction_demos, make_dialogues, pour_dialogues, sample_turns, training_examples
+from rlhf.gatt.checks import ends_with, mentions, starts_with, upper_case, words
+from rlhf.gatt.config import Constraint, GAttConfig, InstructionsConfig
+from rlhf.config import RecipeError
+from rlhf.recipe import load_recipe
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "HELLO", "add", "two", "FOUR",
          "bye", "BYE", "CAPS!"]
@@ -211,7 +209,7 @@ def gatt_cfg(world: Path, out: Path) -> GAttConfig:
 @pytest.fixture(scope="module")
 def whole(world, tmp_path_factory) -> Path:
     """One uninterrupted run of the stage."""
-    from rlhf.gatt import run
+    from rlhf.gatt.stage import run
 
     return run(gatt_cfg(world, tmp_path_factory.mktemp("gatt") / "whole"))
 
@@ -243,7 +241,7 @@ def test_stage_writes_gatt_data_trains_and_evaluates(world, whole):
 
 
 def test_dialogues_beyond_one_pass_reuse_the_prompts(world, tmp_path):
-    from rlhf.gatt import dialogue_users
+    from rlhf.gatt.stage import dialogue_users
 
     cfg = gatt_cfg(world, tmp_path / "unused")
     train, held_out, counts = dialogue_users(cfg)
@@ -255,7 +253,7 @@ def test_dialogues_beyond_one_pass_reuse_the_prompts(world, tmp_path):
 
 
 def test_keep_following_drops_examples_the_checker_rejects(world, tmp_path):
-    from rlhf.gatt import gatt_examples
+    from rlhf.gatt.stage import gatt_examples
 
     cfg = gatt_cfg(world, tmp_path / "unused")
     cfg.data.keep = "following"
@@ -270,9 +268,10 @@ def test_keep_following_drops_examples_the_checker_rejects(world, tmp_path):
 
 
 def test_interrupted_generation_and_training_resume_to_the_same_result(world, whole, tmp_path, monkeypatch):
-    from rlhf import gatt, training
+    from rlhf import sharding, training
+    from rlhf.gatt import stage as gatt
 
-    calls, real_write, real_save, real_sample = [], gatt.write_json_atomic, training.save_checkpoint, gatt.sample_turns
+    calls, real_write, real_save, real_sample = [], sharding.write_json_atomic, training.save_checkpoint, gatt.sample_turns
 
     def write_then_die(path, data):
         if path.parent.name == "samples" and path.name == "chunk-000001.json":
@@ -285,10 +284,10 @@ def test_interrupted_generation_and_training_resume_to_the_same_result(world, wh
 
     monkeypatch.setattr(gatt, "sample_turns", lambda ds, *a: calls.append(ds[0].key) or real_sample(ds, *a))
     cfg = gatt_cfg(world, tmp_path / "resumed")
-    monkeypatch.setattr(gatt, "write_json_atomic", write_then_die)
+    monkeypatch.setattr(sharding, "write_json_atomic", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         gatt.run(cfg)
-    monkeypatch.setattr(gatt, "write_json_atomic", real_write)
+    monkeypatch.setattr(sharding, "write_json_atomic", real_write)
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         gatt.run(cfg)

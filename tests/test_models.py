@@ -4,7 +4,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhf.artifacts import InputError, read_manifest
 from rlhf.data import DataError
-from rlhf.models import CHAT_MARKERS, build_model, load_causal_lm, load_tokenizer, train_tokenizer
+from rlhf.models import CHAT_MARKERS, build_model, load_policy, load_tokenizer, train_tokenizer
 from rlhf.pipeline import run_stage
 from rlhf.recipe import load_recipe
 
@@ -46,7 +46,7 @@ def test_real_tinystories_checkpoint_is_copied_in(tmp_path, realdata):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"stage: base_model\noutput_dir: {tmp_path / 'out'}\nfrom_pretrained: {source}\n")
     out = run_stage(load_recipe(recipe))
-    model, original = load_causal_lm(out / "model"), load_causal_lm(source)
+    (model, _), (original, _) = load_policy(out), load_policy(source)
     assert model.config.tie_word_embeddings
     for (name, p), (_, q) in zip(model.named_parameters(), original.named_parameters()):
         assert torch.equal(p, q), name

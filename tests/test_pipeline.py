@@ -120,7 +120,7 @@ def test_killed_stage_is_interrupted_not_complete(tmp_path):
 
 
 def test_data_source_paths_are_inputs(tmp_path, echo_stage):
-    from rlhf.recipe import StageConfig
+    from rlhf.config import StageConfig
     from rlhf.data import DataConfig
 
     class WithData(echo_stage.EchoConfig):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from launch import launch
-from rlhf.recipe import load_recipe, validate
+from rlhf.config import validate
+from rlhf.recipe import load_recipe
 from rlhf.ppo.config import PPOConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,8 +52,8 @@ def _cfg(world: Path, out: Path, **overrides) -> PPOConfig:
         "stage": "ppo", "output_dir": str(out), "seed": 0,
         "policy_from": str(world / "sft"), "helpfulness_rm_from": str(world / "rm_h"),
         "safety_rm_from": str(world / "rm_s"),
-        "data": {"sources": [{"path": str(world / "prompts.jsonl")}], "max_prompt_length": 64},
-        "generation": {"max_new_tokens": 6, "batch_size": 4},
+        "data": {"sources": [{"path": str(world / "prompts.jsonl")}]},
+        "sampling": {"max_new_tokens": 6, "batch_size": 4, "max_prompt_length": 64},
         "ppo": {"iterations": 2, "prompts_per_iteration": 4, "beta": 0.05},
         "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "save_every": 1},
         "critic": {"lr": 1e-2},
@@ -77,7 +78,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_iteration_changes_policy_and_critic_and_kl_starts_at_zero(world, tmp_path):
-    from rlhf.ppo.train import run
+    from rlhf.ppo.stage import run
 
     out = run(_cfg(world, tmp_path / "ppo"))
     rows = _metrics(out)
@@ -102,7 +103,7 @@ class Crash(Exception):
 
 
 def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
-    import rlhf.ppo.train as train
+    import rlhf.ppo.stage as train
 
     cfg = dict(**{"ppo.iterations": 3})
     straight = train.run(_cfg(world, tmp_path / "straight", **cfg))
@@ -127,7 +128,7 @@ def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
 
 
 def test_kl_limit_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
-    from rlhf.ppo.train import TrainingStopped, run
+    from rlhf.ppo.stage import TrainingStopped, run
 
     out = tmp_path / "ppo"
     with pytest.raises(TrainingStopped, match=r"iteration 3: KL .* > ppo.max_kl"):
@@ -139,7 +140,7 @@ def test_kl_limit_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
 
 def _kl_after_two(world, tmp_path) -> float:
     """A limit between the KL of iteration 2 and that of iteration 3 of the same run."""
-    from rlhf.ppo.train import run
+    from rlhf.ppo.stage import run
 
     rows = _metrics(run(_cfg(world, tmp_path / "probe", **{"ppo.iterations": 3, "ppo.kl_estimator": "k3"})))
     assert rows[2]["kl"] > rows[1]["kl"] > 0
@@ -147,7 +148,7 @@ def _kl_after_two(world, tmp_path) -> float:
 
 
 def test_early_stop_keeps_the_best_held_out_policy(world, tmp_path):
-    from rlhf.ppo.train import run
+    from rlhf.ppo.stage import run
 
     held_out = {"sources": [{"path": str(world / "prompts.jsonl")}]}
     stop = {"early_stop": {"data": held_out, "every": 1, "patience": 1}, "ppo.iterations": 5}
@@ -167,7 +168,7 @@ def test_early_stop_keeps_the_best_held_out_policy(world, tmp_path):
 
 
 def test_lora_policy_is_its_own_reference(world, tmp_path):
-    from rlhf.ppo.train import load_models
+    from rlhf.ppo.stage import load_models
 
     cfg = _cfg(world, tmp_path / "ppo", **{"policy.lora": {"enabled": True, "r": 4}})
     models = load_models(cfg, torch.device("cpu"))
@@ -180,7 +181,7 @@ def test_lora_policy_is_its_own_reference(world, tmp_path):
 
 
 def test_lora_run_starts_at_zero_kl(world, tmp_path):
-    from rlhf.ppo.train import run
+    from rlhf.ppo.stage import run
 
     out = run(_cfg(world, tmp_path / "ppo", **{"policy.lora": {"enabled": True, "r": 4, "merge": True}}))
     rows = _metrics(out)
@@ -205,7 +206,7 @@ def test_two_processes_match_one(world, tmp_path):
 
 def test_memory_options_run_together(world, tmp_path):
     """bf16, gradient checkpointing, a LoRA critic and reward models offloaded between phases."""
-    from rlhf.ppo.train import run
+    from rlhf.ppo.stage import run
 
     out = run(_cfg(world, tmp_path / "ppo", **{
         "train.mixed_precision": "bf16", "policy.gradient_checkpointing": True, "ppo.offload_reward_models": True,

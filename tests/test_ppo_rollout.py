@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from rlhf.ppo.rollout import PackedPolicy, pack, per_token, policy_logprobs
+from rlhf.logprobs import PackedPolicy, pack_responses, per_token, policy_logprobs
 
 
 def test_pack_maps_each_response_token_to_the_position_that_predicts_it():
     prompts, responses = [[5, 6], [7], [1, 2, 3]], [[8], [9, 10, 11], [4]]
-    batch = pack(prompts, responses, rows=[1, 0])
+    batch = pack_responses(prompts, responses, rows=[1, 0])
     # rows as wide as the longest sequence (4): [7, 9, 10, 11] and [5, 6, 8, pad]; rollout 1's
     # response starts at column 1 (predicted from column 0), rollout 0's token 8 sits at (1, 2)
     assert batch.input_ids.tolist() == [[7, 9, 10, 11], [5, 6, 8, 0]]

@@ -34,9 +34,9 @@ def test_reduced_quickstart_runs_end_to_end(tmp_path, monkeypatch):
         "rejection_sampling.train.batch_size=1", "rejection_sampling.train.micro_batch_size=1",
         "rejection_sampling.train.epochs=1",
         f"ppo.data.sources=[{small[0]}]", "ppo.ppo.iterations=1", "ppo.ppo.prompts_per_iteration=4",
-        "ppo.generation.max_new_tokens=8", "ppo.train.batch_size=4", "ppo.train.micro_batch_size=4",
+        "ppo.sampling.max_new_tokens=8", "ppo.train.batch_size=4", "ppo.train.micro_batch_size=4",
         f"ppo.early_stop.data.sources=[{{path: {eval_prompts}}}]", "ppo.early_stop.max_prompts=4",
-        f"evaluate.prompts.sources=[{{path: {eval_prompts}}}]", "evaluate.max_new_tokens=8",
+        f"evaluate.prompts.sources=[{{path: {eval_prompts}}}]", "evaluate.sampling.max_new_tokens=8",
     ]
     out = run_recipe(load_recipe(REPO / "recipes" / "quickstart.yaml", overrides))
 

@@ -12,10 +12,11 @@ import torch
 import yaml
 
 from launch import launch
-import rlhf.rejection_sampling as rs
-from rlhf.configs import RejectionSamplingConfig
+import rlhf.rejection_sampling.stage as rs
+from rlhf.rejection_sampling.config import RejectionSamplingConfig
 from rlhf.data import Message, Prompt
-from rlhf.recipe import load_recipe, validate
+from rlhf.config import validate
+from rlhf.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_PROCESS = SimpleNamespace(process_index=0, num_processes=1)
@@ -99,7 +100,7 @@ def test_fine_tuning_rows_are_prompt_masked():
     from transformers import PreTrainedTokenizerFast
 
     from sft.data import IGNORE, build_rows
-    from rlhf.method_configs import GenerationDataConfig
+    from sft.config import GenerationDataConfig
 
     words = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "add", "two", "five", "ok"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

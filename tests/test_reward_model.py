@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlhf.data import Message
-from reward_model.model import RewardModel, length_chunks
+from reward_model.model import RewardModel
+from rlhf.packing import length_chunks
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "bye", "ok", "no"]
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from rlhf.data import DataError
-from rlhf.recipe import RecipeError
+from rlhf.config import RecipeError
 from rlhf.rounds import add_batch, list_batches, list_rounds, run_round
 
 ROUND = """

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sft.packing import best_fit_rows, pack_sequences, restarting_positions
+from rlhf.packing import best_fit_rows, pack_sequences, restarting_positions
 
 
 def test_pack_sequences_concatenates_with_restarting_positions():

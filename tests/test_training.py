@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhf.artifacts import StageRun
-from rlhf.recipe import RecipeError, StageConfig, TrainConfig
+from rlhf.config import RecipeError, StageConfig, TrainConfig
 from rlhf.training import (
     epoch_order, lr_factor, make_accelerator, micro_batches, plan_steps, train_loop, warmup_steps,
 )

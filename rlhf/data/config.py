@@ -24,9 +24,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from rlhf.data.records import RATING_ALIASES
-from rlhf.recipe import Strict
+from rlhf.config import Strict, Template
 
-FORMATS = ("auto", "jsonl", "json", "csv", "parquet", "datasets", "hh-rlhf")
 RatingLabel = Literal[
     "significantly_better", "better", "slightly_better", "negligibly_better", "unsure"
 ]
@@ -181,3 +180,10 @@ def check_mixture(parts: list[MixturePart], source_names: list[str]) -> None:
         raise ValueError("mixture: when one part gives a share, every part must")
     if shares and abs(sum(shares) - 1) > 1e-6:
         raise ValueError(f"mixture: shares must sum to 1, got {sum(shares):g}")
+
+
+class PromptDataConfig(DataConfig):
+    """Prompts (conversations ending with a user turn, tagged ``is_safety``) and their chat format."""
+
+    template: Template = Field(
+        "llama2", description="Chat format: Llama 2's [INST] format, or the tokenizer's template.")

@@ -16,7 +16,7 @@ from rlhf.data.config import DataConfig, SourceConfig
 from rlhf.data.formats import UNITS, Row, detect_format, read_rows
 from rlhf.data.mixing import mix
 from rlhf.data.records import RECORD_TYPES, DataError, Problem, Record, to_dict
-from rlhf.data.validate import parse_row
+from rlhf.data.parse import parse_row
 
 
 @dataclass

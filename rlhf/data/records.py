@@ -30,9 +30,6 @@ RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_bett
 # Other spellings of the canonical labels; "unsure" counts as negligibly better.
 RATING_ALIASES = {"unsure": "negligibly_better"}
 
-Kind = Literal["sft", "preference", "prompts"]
-KINDS: tuple[str, ...] = ("sft", "preference", "prompts")
-
 
 @dataclass(frozen=True)
 class Message:

@@ -34,8 +34,11 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf.data.config import DataConfig
-from rlhf.recipe import ModelConfig, StageConfig, Strict, TrainConfig
+from rlhf.config import (
+    POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, ModelConfig, PromptSamplingConfig, StageConfig, Strict,
+    TrainConfig,
+)
+from rlhf.data.config import DataConfig, PromptDataConfig
 
 
 class PPOTrainConfig(TrainConfig):
@@ -68,26 +71,11 @@ class CriticConfig(ModelConfig):
     lr: float | None = Field(None, gt=0, description="Critic learning rate (default: train.lr).")
 
 
-class GenerationConfig(Strict):
-    max_new_tokens: int = Field(128, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    batch_size: int = Field(64, gt=0, description="Prompts per generation call on each process.")
-
-
-class PPODataConfig(DataConfig):
-    """Prompts (conversations ending with a user turn, tagged ``is_safety``)."""
-
-    max_prompt_length: int = Field(512, gt=0, description="Longer prompts are left out (counted).")
-    template: Literal["llama2", "tokenizer"] = "llama2"
-
-
 class PPOSettings(Strict):
     iterations: int = Field(200, gt=0, description="The paper ran 200-400, early-stopped.")
     prompts_per_iteration: int = Field(512, gt=0)
     beta: float = Field(0.01, ge=0, description="KL penalty: 0.01 (7B/13B), 0.005 (34B/70B).")
     kl_estimator: Literal["k1", "k3"] = "k1"
-    gate_threshold: float = Field(0.15, gt=0, lt=1, description="Safety gate on R_s (probability).")
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
     clip: float = Field(0.2, gt=0)
@@ -116,11 +104,13 @@ class EarlyStopConfig(Strict):
 
 
 class PPOConfig(StageConfig):
+    RENAMED: ClassVar[dict[str, str]] = {"generation": "sampling", "data.max_prompt_length":
+                                         "sampling.max_prompt_length", "ppo.gate_threshold": "gate_threshold"}
     INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
-        "policy_from": ("sft", "rejection_sampling", "ppo", "hf"),
-        "helpfulness_rm_from": ("reward_model",),
-        "safety_rm_from": ("reward_model",),
-        "critic_from": ("reward_model", "ppo"),
+        "policy_from": POLICY_KINDS,
+        "helpfulness_rm_from": REWARD_MODEL_KINDS,
+        "safety_rm_from": REWARD_MODEL_KINDS,
+        "critic_from": (*REWARD_MODEL_KINDS, "ppo"),
     }
 
     stage: Literal["ppo"] = "ppo"
@@ -131,14 +121,23 @@ class PPOConfig(StageConfig):
     critic_from: Path | None = Field(None, description="Default: the helpfulness reward model.")
     policy: ModelConfig = ModelConfig()
     critic: CriticConfig = CriticConfig()
-    data: PPODataConfig
-    generation: GenerationConfig = GenerationConfig()
+    data: PromptDataConfig
+    sampling: PromptSamplingConfig = Field(
+        PromptSamplingConfig(temperature=1.0, batch_size=64, max_prompt_length=512),
+        description="Rollouts: one answer per prompt, `batch_size` prompts per generation call")
+    gate_threshold: GateThreshold = 0.15
     ppo: PPOSettings = PPOSettings()
     train: PPOTrainConfig = PPOTrainConfig()
     early_stop: EarlyStopConfig = EarlyStopConfig()
 
     @model_validator(mode="after")
     def _batches_fit(self) -> "PPOConfig":
+        if self.sampling.temperature == 0:
+            raise ValueError("sampling.temperature: PPO samples its rollouts; give a temperature above 0")
+        for group in ("policy", "critic"):
+            if getattr(self, group).attn_implementation == "flash_attention_2":
+                raise ValueError(f"{group}.attn_implementation: PPO's packed forwards hold several rows, which "
+                                 "flash_attention_2 does not keep apart; use sdpa or eager")
         if self.ppo.prompts_per_iteration % self.train.batch_size:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must divide ppo.prompts_per_iteration "

@@ -17,14 +17,6 @@ import torch
 from rlhf.rewards import kl_penalty
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
-    """log pi(token) from logits (B, T, V) of the positions that predict ``tokens`` (B, T);
-    ``lse`` = logsumexp(logits) over the vocabulary when already computed."""
-    logits = logits.float()
-    lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - lse  # (B, T)
-
-
 def entropy(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy of the next-token distribution at each position, (B, T, V) -> (B, T):
     H = lse - sum_v p_v * logit_v, with p = exp(logits - lse) (one temporary of the logits'
@@ -33,10 +25,6 @@ def entropy(logits: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tens
     lse = torch.logsumexp(logits, dim=-1) if lse is None else lse
     probs = (logits - lse.unsqueeze(-1)).exp_()
     return lse - torch.linalg.vecdot(probs, logits)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 def gae(

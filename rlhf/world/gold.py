@@ -38,14 +38,14 @@ def evaluate_gold(model_dir: str | Path, prompts_path: str | Path | None = None,
     from rlhf.artifacts import InputError, model_dir as hf_dir
     from rlhf.data import read_records, render_prompt
     from rlhf.generation import sample
-    from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.models import default_device, load_policy
     from rlhf.world.judge import summarize
 
     path = hf_dir(Path(model_dir))
     if not (path / "config.json").is_file():
         raise InputError(f"{model_dir}: not a policy stage directory or a Hugging Face model directory "
                          f"(no {path / 'config.json'})")
-    tokenizer, model = load_tokenizer(path), load_causal_lm(path).eval()
+    model, tokenizer = load_policy(path, default_device())
     prompts = read_records(prompts_path or EVAL_PROMPTS, "prompts")
     prompt_ids = [render_prompt(p.messages, tokenizer) for p in prompts]
     with torch.no_grad():

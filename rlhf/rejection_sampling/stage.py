@@ -33,13 +33,16 @@ from typing import Any, Sequence
 
 import torch
 
+from reward_model.model import load_reward_model
 from rlhf.artifacts import StageRun, model_dir, read_manifest, write_json_atomic
-from rlhf.configs import RejectionSamplingConfig
 from rlhf.data import DataError, Message, Problem, Prompt, SFTExample, load_data, render_prompt, to_dict
-from rlhf.gatt import fine_tune
 from rlhf.generation import length_buckets, row_seed, sample
+from rlhf.models import inference_dtype, load_policy
 from rlhf.progress import Progress
+from rlhf.rejection_sampling.config import RejectionSamplingConfig
 from rlhf.rewards import safety_gate
+from rlhf.training import make_accelerator
+from sft.stage import fine_tune_generated
 
 POOL = "pool.jsonl"
 
@@ -293,14 +296,13 @@ def plot_curves(path: Path, curves: dict[str, dict], title: str, median: bool = 
 
 
 def run(cfg: RejectionSamplingConfig) -> Path:
-    from rlhf.training import make_accelerator
-
     stage = StageRun(cfg).start()
     accelerator = make_accelerator(cfg.train, cfg.report_to, stage.dir)
     previous = read_pool(cfg.pool_from) if cfg.pool_from else {}
     round_no = cfg.round or _previous_round(cfg.pool_from, previous) + 1
     # 1. sample K responses per prompt (and the temperature sweep), bucket by bucket
-    policy, tokenizer = _load_policy(cfg.policy_from, accelerator)
+    dtype = inference_dtype(cfg.train.mixed_precision, accelerator.device)
+    policy, tokenizer = load_policy(cfg.policy_from, accelerator.device, dtype)
     records = load_data(cfg.data, "prompts", cfg.seed).records[: cfg.data.max_prompts]
     items, counts = prepare_prompts(records, tokenizer, cfg)
     start = time.perf_counter()
@@ -313,7 +315,7 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     del policy
     _free_memory()
     # 2. score every sample with both reward models, gated; 3. re-score the old pool if needed
-    rms = _load_reward_models(cfg, stage, accelerator)
+    rms = _load_reward_models(cfg, stage, accelerator.device, dtype)
     scores = score_samples(accelerator, rms, items, samples, cfg.gate_threshold)
     sweep_scores = {t: score_samples(accelerator, rms, sweep_items, s, cfg.gate_threshold) for t, s in sweep.items()}
     rescored = rescore_stale(accelerator, rms, previous, cfg.gate_threshold)
@@ -333,7 +335,7 @@ def run(cfg: RejectionSamplingConfig) -> Path:
         _write_jsonl(stage.dir / POOL, list(pool.values()))
     # 5. fine-tune on the pool
     source = model_dir(cfg.student_from or cfg.policy_from)
-    train_metrics, data_counts = fine_tune(stage, accelerator, source, pool_examples(pool), cfg)
+    train_metrics, data_counts = fine_tune_generated(stage, accelerator, source, pool_examples(pool), cfg)
     tokens = sum(sum(v["tokens"]) for v in samples.values())
     metrics = {
         "round": round_no, "prompts_sampled": len(items), "samples": len(items) * cfg.sampling.k,
@@ -375,21 +377,10 @@ def _previous_round(pool_from: Path | None, pool: dict[str, dict]) -> int:
     return max((int(e.get("round", 0)) for e in pool.values()), default=0)
 
 
-def _load_policy(path: Path, accelerator):
-    from rlhf.models import load_causal_lm, load_tokenizer
-
-    source = model_dir(path)
-    kwargs = {"dtype": torch.bfloat16} if accelerator.mixed_precision == "bf16" and torch.cuda.is_available() else {}
-    return load_causal_lm(source, **kwargs).to(accelerator.device).eval(), load_tokenizer(source)
-
-
-def _load_reward_models(cfg: RejectionSamplingConfig, stage: StageRun, accelerator) -> RewardModels:
-    from reward_model.model import load_reward_model
-
-    kwargs = {"dtype": torch.bfloat16} if accelerator.mixed_precision == "bf16" and torch.cuda.is_available() else {}
+def _load_reward_models(cfg: RejectionSamplingConfig, stage: StageRun, device, dtype) -> RewardModels:
     return RewardModels(
-        load_reward_model(cfg.helpfulness_rm_from, accelerator.device, **kwargs),
-        load_reward_model(cfg.safety_rm_from, accelerator.device, **kwargs),
+        load_reward_model(cfg.helpfulness_rm_from, device, dtype=dtype),
+        load_reward_model(cfg.safety_rm_from, device, dtype=dtype),
         {"helpfulness": stage.inputs["helpfulness_rm_from"]["fingerprint"], "safety": stage.inputs["safety_rm_from"]["fingerprint"]},
     )
 

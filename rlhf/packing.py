@@ -7,8 +7,10 @@ gets exactly the logits it would get alone: the packed loss equals the unpacked 
 Pass ``use_cache=False`` in the forward: with a cache (the default, even in train mode)
 transformers skips the packed-sequence detection and the sequences attend to each other.
 
-Used by SFT (examples packed into rows of ``max_length``) and by the reward-model stage
-(chosen and rejected sequences scored in one forward, read at each sequence's last token).
+Used by every forward over several sequences: SFT and the fine-tuning stages (examples packed
+into rows of ``max_length``), the reward models (chosen and rejected sequences scored in one
+forward, read at each sequence's last token), and the policy, reference and critic forwards
+of PPO and the evaluation (``rlhf.logprobs``).
 """
 
 from __future__ import annotations
@@ -82,3 +84,46 @@ def best_fit_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
         if slot[0] > 0:
             bisect.insort(free, slot)
     return [sorted(r) for r in rows]
+
+
+class PackedRows(NamedTuple):
+    """Sequences best-fit into rows as long as the longest one.
+
+    input_ids, position_ids: (R, T) positions restart at 0 for each sequence; the tail of a
+                             row is padding, a block of its own that no sequence attends to
+    ends:                    (N, 2) (row, index) of each sequence's last token, in input order
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    ends: torch.Tensor
+
+
+def pack_rows(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> PackedRows:
+    """Best-fit (``best_fit_rows``) into rows of the longest length. Example:
+    lengths [4, 1, 2, 3] -> rows [0], [1, 3], [2], 4 tokens wide (1 fills row 1 after 3;
+    row 2 ends in 2 padding tokens)."""
+    lengths = [len(s) for s in seqs]
+    width = max(lengths)
+    ids, positions, ends = [], [], [None] * len(seqs)
+    for r, group in enumerate(best_fit_rows(lengths, width)):
+        packed = pack_sequences([seqs[i] for i in group], pad_id, pad_to=width)
+        ids.append(packed.input_ids)
+        positions.append(packed.position_ids)
+        for i, end in zip(group, packed.ends):
+            ends[i] = (r, end)
+    return PackedRows(torch.cat(ids), torch.cat(positions), torch.tensor(ends))
+
+
+def length_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices by decreasing length, cut into chunks of at most ``budget`` tokens (a longer
+    sequence alone); similar lengths share a chunk, so its rows waste little padding."""
+    chunks: list[list[int]] = []
+    total = budget
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if total + lengths[i] > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(i)
+        total += lengths[i]
+    return chunks

@@ -18,20 +18,18 @@ import random
 from dataclasses import asdict, dataclass, replace
 from functools import reduce
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from rlhf.artifacts import StageRun, model_dir, write_json_atomic
-from rlhf.data import Message, Prompt, SFTExample, load_data, read_records, render_prompt, write_jsonl
-from rlhf.gatt_checks import OBEY, get_checker
-from rlhf.method_configs import Constraint, GAttConfig, InstructionsConfig, SamplingConfig
-from rlhf.progress import Progress
-from rlhf.recipe import RecipeError
-from rlhf.training import make_accelerator, prepare_model, save_model, train_loop
-from sft.data import build_rows, collate, sft_loss
-
-# A sampler answers a batch of conversations (each ending with a user turn); ``keys`` name each
-# one (its random stream), so a conversation gets the same answer whatever batch it is in.
-Sampler = Callable[[list[list[Message]], list[str]], list[str]]
+from rlhf.config import RecipeError
+from rlhf.data import Message, Prompt, SFTExample, load_data, read_records, write_jsonl
+from rlhf.gatt.checks import OBEY, get_checker
+from rlhf.gatt.config import Constraint, GAttConfig, InstructionsConfig
+from rlhf.generation import Sampler, make_sampler
+from rlhf.models import inference_dtype, load_policy
+from rlhf.sharding import in_chunks
+from rlhf.training import make_accelerator
+from sft.stage import fine_tune_generated
 
 
 @dataclass(frozen=True)
@@ -104,9 +102,9 @@ def make_dialogues(users: list[list[str]], cfg: InstructionsConfig, seed: int, n
 
 def instruction_demos(path: str, constraints: list[dict], share: float = 0.5, shorten: float = 0.5,
                       combine: float = 0.0, seed: int = 0) -> list[SFTExample]:
-    """Data hook (``hook: rlhf.gatt:instruction_demos``): a ``share`` of the SFT demonstrations at
+    """Data hook (``hook: rlhf.gatt.stage:instruction_demos``): a ``share`` of the SFT demonstrations at
     ``path`` with an instruction drawn from ``constraints`` appended to their first user turn and
-    every answer rewritten to obey it (``rlhf.gatt_checks.OBEY``; constraints need a checker
+    every answer rewritten to obey it (``rlhf.gatt.checks.OBEY``; constraints need a checker
     that has a rewrite). For a policy that has never seen instructions: GAtt needs one that
     follows an instruction given in the same turn (the Llama 2 RLHF model did)."""
     cfg = InstructionsConfig(constraints=constraints, shorten=shorten, combine=combine)
@@ -195,78 +193,6 @@ def follow_rates(dialogues: Sequence[Dialogue], constraints: Sequence[Constraint
             if verdict is not None:
                 table.setdefault(depth, []).append(verdict)
     return {depth: {"follow": sum(v) / len(v), "judged": len(v)} for depth, v in sorted(table.items())}
-
-
-# ---------------------------------------------------------------------------------------------
-# Pieces both generation stages use (GAtt, context distillation): sampling with the policy,
-# resumable sharded generation, fine-tuning through the SFT stage
-
-
-def make_sampler(model, tokenizer, cfg: SamplingConfig, template: str, seed: int) -> Sampler:
-    """Answers from ``model`` (``rlhf.generation``), conversation ``key`` drawing from its own
-    seeded stream."""
-    from rlhf.generation import row_seed, sample
-
-    def sampler(conversations: list[list[Message]], keys: list[str]) -> list[str]:
-        ids = [render_prompt(c, tokenizer, template) for c in conversations]
-        seeds = [row_seed(seed, key) for key in keys]
-        return sample(model, tokenizer, ids, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size).texts
-
-    return sampler
-
-
-def in_chunks(work_dir: Path, items: Sequence[Any], size: int, work: Callable[[list], list[dict]], accelerator, desc: str) -> list[dict]:
-    """``work`` over ``items`` cut into chunks of ``size``: chunk i is done by process
-    i % processes and saved as ``work_dir/chunk-i.json``, so an interrupted run (with any number
-    of processes) redoes only the missing chunks. Returns every chunk's rows, in order."""
-    work_dir.mkdir(parents=True, exist_ok=True)
-    starts = range(0, len(items), size)
-    paths = [work_dir / f"chunk-{i:06d}.json" for i in range(len(starts))]
-    mine = [i for i in range(len(starts)) if i % accelerator.num_processes == accelerator.process_index]
-    progress = Progress(len(items), desc)
-    for i in mine:
-        part = list(items[starts[i] : starts[i] + size])
-        if not paths[i].exists():
-            write_json_atomic(paths[i], work(part))
-        progress.update(len(part) * accelerator.num_processes)
-    progress.close()
-    accelerator.wait_for_everyone()
-    return [row for path in paths for row in json.loads(path.read_text())]
-
-
-def fine_tune(run: StageRun, accelerator, source: Path, examples: list[SFTExample], cfg: Any) -> tuple[dict, dict]:
-    """Fine-tune the causal LM at ``source`` on ``examples`` and the ``data.replay`` ones as the
-    SFT stage does: ``cfg.data`` renders them (loss on the last answer, packed), ``cfg.train``
-    and ``cfg.model`` drive the shared loop, which resumes from ``run.checkpoints``; saves
-    ``model/``. Returns the training metrics and the data counts."""
-    from rlhf.models import load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(source)
-    model = prepare_model(load_causal_lm(source, attn_implementation=cfg.model.attn_implementation), cfg.model)
-    examples, replayed = with_replay(examples, cfg)
-    rows, counts = build_rows(examples, tokenizer, cfg.data)
-    metrics = train_loop(run, model, rows, collate, sft_loss, cfg.train, cfg.seed, accelerator, desc=f"{cfg.stage} fine-tune")
-    save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora)
-    return metrics, {**replayed, **counts}
-
-
-def with_replay(examples: list[SFTExample], cfg: Any) -> tuple[list[SFTExample], dict[str, int]]:
-    """The generated examples and the ``data.replay`` conversations, and how many of each."""
-    replay = load_data(cfg.data.replay, "sft", cfg.seed).records if cfg.data.replay else []
-    return [*examples, *replay], {"generated_examples": len(examples), "replay_examples": len(replay)}
-
-
-def eval_sampling(cfg: Any) -> SamplingConfig:
-    """The stage's sampling settings at the evaluation's temperature."""
-    return cfg.sampling.model_copy(update={"temperature": cfg.eval.temperature})
-
-
-def load_policy(path: Path, accelerator) -> tuple[Any, Any]:
-    """A policy (stage directory or HF model dir) in eval mode on this process's device, and its tokenizer."""
-    from rlhf.models import load_causal_lm, load_tokenizer
-
-    source = model_dir(path)
-    return load_causal_lm(source).to(accelerator.device).eval(), load_tokenizer(source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,9 +290,10 @@ def run(cfg: GAttConfig) -> Path:
     accelerator = make_accelerator(cfg.train, cfg.report_to, run.dir)
     accelerator.wait_for_everyone()  # the stage directory is in place for every process
     # 1. the policy, and dialogues with an instruction drawn for each
-    policy, tokenizer = load_policy(cfg.policy_from, accelerator)
+    dtype = inference_dtype(cfg.train.mixed_precision, accelerator.device)
+    policy, tokenizer = load_policy(cfg.policy_from, accelerator.device, dtype)
     sampler = make_sampler(policy, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
-    evaluator = make_sampler(policy, tokenizer, eval_sampling(cfg), cfg.data.template, cfg.seed)
+    evaluator = make_sampler(policy, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
     train_users, eval_users, counts = dialogue_users(cfg)
     dialogues = make_dialogues(train_users, cfg.instructions, cfg.seed, "train")
     held_out = make_dialogues(eval_users, cfg.instructions, cfg.seed, "eval", checked_only=True)
@@ -381,10 +308,10 @@ def run(cfg: GAttConfig) -> Path:
         (run.dir / "data").mkdir(exist_ok=True)
         write_jsonl(run.dir / "data" / "gatt.jsonl", examples, overwrite=True)
     del policy, sampler, evaluator
-    metrics, rows = fine_tune(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
+    metrics, rows = fine_tune_generated(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
     # 4. the fine-tuned policy on the same held-out dialogues
-    tuned, _ = load_policy(run.dir / "model", accelerator)
-    evaluator = make_sampler(tuned, tokenizer, eval_sampling(cfg), cfg.data.template, cfg.seed)
+    tuned, _ = load_policy(run.dir / "model", accelerator.device, dtype)
+    evaluator = make_sampler(tuned, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
     after = answer_dialogues(run, accelerator, "eval_after", held_out, cfg.eval.turns, evaluator, "first", size)
     rates = {}
     if accelerator.is_main_process:

@@ -1,6 +1,6 @@
-"""The evaluate stage: policies compared on held-out prompts (METHOD.md sec. 8).
+"""The evaluate stage: policies compared on held-out prompts (Llama 2, Sec. 3.4).
 
-For every policy: greedy responses scored by both reward models and combined by the safety
+For every policy: its answers (greedy by default, ``sampling``) scored by both reward models and combined by the safety
 gate; win rates against the baseline and against the policy before it under these (the latest)
 reward models, overall (R_c), on helpfulness prompts (R_h) and on safety prompts (R_s), the
 Fig. 11 axes; the KL from the baseline, estimated on sampled responses; and, when the prompts
@@ -18,13 +18,18 @@ from typing import Any
 
 import torch
 
-from rlhf.artifacts import StageRun, model_dir
-from rlhf.configs import EvaluateConfig
+from reward_model.model import load_reward_model
+from rlhf.artifacts import StageRun
 from rlhf.data import Prompt, render_prompt
 from rlhf.data.load import load_data
-from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.evaluate.config import EvaluateConfig
+from rlhf.generation import row_seed, sample
+from rlhf.logprobs import PackedPolicy, per_token, policy_logprobs
+from rlhf.models import default_device, load_policy
 from rlhf.progress import Progress
 from rlhf.rewards import safety_gate
+from rlhf.world.gold import sampled_gold
+from rlhf.world.judge import has_gold, summarize
 
 
 def win_rate(a: torch.Tensor, b: torch.Tensor) -> float | None:
@@ -34,38 +39,33 @@ def win_rate(a: torch.Tensor, b: torch.Tensor) -> float | None:
     return float((a > b).float().mean() + 0.5 * (a == b).float().mean())
 
 
-def _responses(path: Path, prompts: list[Prompt], cfg: EvaluateConfig, baseline) -> dict[str, Any]:
-    """Greedy responses, and the KL from the baseline on sampled ones (sum over tokens, mean
+def _responses(path: Path, prompts: list[Prompt], cfg: EvaluateConfig, baseline, device) -> dict[str, Any]:
+    """The policy's answers, and the KL from the baseline on sampled ones (sum over tokens, mean
     over prompts, k1 estimator: log pi - log pi_0 of the sampled tokens)."""
-    from rlhf.generation import row_seed, sample
-    from rlhf.ppo.rollout import PackedPolicy, per_token, policy_logprobs
-
-    model, tokenizer = load_causal_lm(model_dir(path)).eval(), load_tokenizer(model_dir(path))
-    prompt_ids = [render_prompt(p.messages, tokenizer, cfg.template) for p in prompts]
+    model, tokenizer = load_policy(path, device)
+    prompt_ids = [render_prompt(p.messages, tokenizer, cfg.prompts.template) for p in prompts]
     seeds = [row_seed(cfg.seed, i) for i in range(len(prompts))]
-    generate = partial(sample, model, tokenizer, prompt_ids, seeds, cfg.max_new_tokens, batch_size=cfg.batch_size)
-    greedy, sampled = generate(temperature=0), generate(temperature=cfg.kl_temperature)
+    s = cfg.sampling
+    generate = partial(sample, model, tokenizer, prompt_ids, seeds, s.max_new_tokens, top_p=s.top_p, batch_size=s.batch_size)
+    answers, sampled = generate(temperature=s.temperature), generate(temperature=cfg.kl_temperature, top_p=1.0)
     responses = [r or [tokenizer.eos_token_id] for r in sampled.response_ids]
-    logprob = partial(per_token, prompt_ids=prompt_ids, response_ids=responses, tokens=8192)
+    logprob = partial(per_token, prompt_ids=prompt_ids, response_ids=responses, tokens=8192, device=device)
     with torch.no_grad():
         kl = logprob(partial(policy_logprobs, PackedPolicy(model), temperature=cfg.kl_temperature))
         kl -= logprob(partial(policy_logprobs, PackedPolicy(baseline), temperature=cfg.kl_temperature))
-        gold, gold_sampled = _gold(model, tokenizer, prompts, prompt_ids, greedy.texts, cfg)
-    lengths = [len(r) for r in greedy.response_ids]
-    return {"texts": greedy.texts, "lengths": lengths, "kl": float(kl.sum(-1).mean()),
+        gold, gold_sampled = _gold(model, tokenizer, prompts, prompt_ids, answers.texts, cfg)
+    lengths = [len(r) for r in answers.response_ids]
+    return {"texts": answers.texts, "lengths": lengths, "kl": float(kl.sum(-1).mean()),
             "gold": gold, "gold_sampled": gold_sampled}
 
 
 def _gold(model, tokenizer, prompts: list[Prompt], prompt_ids, texts: list[str], cfg: EvaluateConfig) -> tuple:
-    """The gold judge's scores of the greedy answers and of ``gold_samples`` sampled answers per
+    """The gold judge's scores of the answers and of ``gold_samples`` sampled answers per
     prompt (None, None without a gold judge)."""
-    from rlhf.world.gold import sampled_gold
-    from rlhf.world.judge import has_gold, summarize
-
     if cfg.gold == "off" or (cfg.gold == "auto" and not has_gold(prompts)):
         return None, None
     sampled = (sampled_gold(model, tokenizer, prompts, prompt_ids, cfg.gold_samples, cfg.gold_temperature,
-                            cfg.max_new_tokens, cfg.seed, cfg.batch_size) if cfg.gold_samples else None)
+                            cfg.sampling.max_new_tokens, cfg.seed, cfg.sampling.batch_size) if cfg.gold_samples else None)
     return summarize(prompts, texts), sampled
 
 
@@ -88,24 +88,24 @@ def _compare(mine: dict, other: dict) -> dict[str, float | None]:
 
 
 def run(cfg: EvaluateConfig) -> Path:
-    from reward_model.model import load_reward_model
-
     stage = StageRun(cfg).start()
+    device = default_device()
     prompts = load_data(cfg.prompts, "prompts", cfg.seed).records[: cfg.max_prompts]
-    rms = {"helpfulness": load_reward_model(cfg.helpfulness_rm_from), "safety": load_reward_model(cfg.safety_rm_from)}
+    rms = {"helpfulness": load_reward_model(cfg.helpfulness_rm_from, device),
+           "safety": load_reward_model(cfg.safety_rm_from, device)}
     baseline_path = cfg.baseline_from or next(iter(cfg.policies.values()))
-    baseline = load_causal_lm(model_dir(baseline_path)).eval()
+    baseline, _ = load_policy(baseline_path, device)
     progress = Progress(len(cfg.policies), "evaluate policies")
     results: dict[str, dict] = {}
     for name, path in cfg.policies.items():
-        out = _responses(path, prompts, cfg, baseline)
+        out = _responses(path, prompts, cfg, baseline, device)
         results[name] = {**out, "scores": _scores(prompts, out["texts"], rms, cfg.gate_threshold)}
         progress.update(1, policy=name)
     same = [name for name, path in cfg.policies.items() if Path(path) == Path(baseline_path)]
     if same:
         baseline_scores = results[same[0]]["scores"]
     else:
-        texts = _responses(baseline_path, prompts, cfg, baseline)["texts"]
+        texts = _responses(baseline_path, prompts, cfg, baseline, device)["texts"]
         baseline_scores = _scores(prompts, texts, rms, cfg.gate_threshold)
     summary = {"baseline": str(baseline_path), "prompts": len(prompts), "policies": {}}
     previous = None

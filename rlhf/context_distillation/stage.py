@@ -15,12 +15,16 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
+from reward_model.model import load_reward_model
 from rlhf.artifacts import StageRun, model_dir, write_json_atomic
+from rlhf.config import RecipeError
+from rlhf.context_distillation.config import ContextDistillationConfig, PrepromptConfig
 from rlhf.data import DataConfig, Message, Prompt, SFTExample, load_data, read_records, write_jsonl
-from rlhf.gatt import Sampler, eval_sampling, fine_tune, in_chunks, load_policy, make_sampler
-from rlhf.method_configs import ContextDistillationConfig, PrepromptConfig
-from rlhf.recipe import RecipeError
+from rlhf.generation import Sampler, make_sampler
+from rlhf.models import inference_dtype, load_policy
+from rlhf.sharding import in_chunks
 from rlhf.training import make_accelerator
+from sft.stage import fine_tune_generated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -52,7 +56,7 @@ def with_preprompt(messages: Sequence[Message], preprompt: str, place: str) -> l
 
 
 def preprompt_demos(path: str, preprompt: str = PrepromptConfig().generic, place: str = "system") -> list[SFTExample]:
-    """Data hook (``hook: rlhf.context_distillation:preprompt_demos``): the safe chosen responses
+    """Data hook (``hook: rlhf.context_distillation.stage:preprompt_demos``): the safe chosen responses
     of the labelled safety preference pairs at ``path`` (``chosen_safe: true``), each after its
     prompt WITH the safety ``preprompt``, once per (prompt, response). For a policy that has never
     seen a preprompt: context distillation needs one that answers more safely when given one
@@ -188,16 +192,15 @@ def write_summary(out: Path, rows: list[dict], better: list[bool], keep: list[bo
 
 
 def run(cfg: ContextDistillationConfig) -> Path:
-    from reward_model.model import load_reward_model
-
     run = StageRun(cfg).start()
     accelerator = make_accelerator(cfg.train, cfg.report_to, run.dir)
     accelerator.wait_for_everyone()  # the stage directory is in place for every process
     # 1. the policy, the safety reward model, the safety prompts (training and evaluation)
-    policy, tokenizer = load_policy(cfg.policy_from, accelerator)
+    dtype = inference_dtype(cfg.train.mixed_precision, accelerator.device)
+    policy, tokenizer = load_policy(cfg.policy_from, accelerator.device, dtype)
     sampler = make_sampler(policy, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
-    evaluator = make_sampler(policy, tokenizer, eval_sampling(cfg), cfg.data.template, cfg.seed)
-    rm = load_reward_model(cfg.safety_rm_from, accelerator.device)
+    evaluator = make_sampler(policy, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
+    rm = load_reward_model(cfg.safety_rm_from, accelerator.device, dtype=dtype)
     prompts, counts = safety_prompts(cfg.data, cfg.seed, cfg.data.max_prompts, "data")
     held = cfg.data.model_copy(update={"sources": cfg.eval.sources, "mixture": None}) if cfg.eval.sources else cfg.data
     eval_prompts, _ = safety_prompts(held, cfg.seed, cfg.eval.max_prompts, "eval")
@@ -221,10 +224,10 @@ def run(cfg: ContextDistillationConfig) -> Path:
         (run.dir / "data" / "candidates.jsonl").write_text("".join(lines))
     del policy, sampler, evaluator
     # 4. fine-tune on the kept answers
-    metrics, data_counts = fine_tune(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
+    metrics, data_counts = fine_tune_generated(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
     # 5. the fine-tuned policy's answers to the evaluation prompts
-    tuned, _ = load_policy(run.dir / "model", accelerator)
-    evaluator = make_sampler(tuned, tokenizer, eval_sampling(cfg), cfg.data.template, cfg.seed)
+    tuned, _ = load_policy(run.dir / "model", accelerator.device, dtype)
+    evaluator = make_sampler(tuned, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
     after = safety_answers(run, accelerator, "eval_after", eval_prompts, evaluator, rm, size)
     summary = {}
     if accelerator.is_main_process:

@@ -29,22 +29,23 @@ from typing import Any
 
 import torch
 
+from reward_model.model import RewardModel, load_reward_model
 from rlhf.artifacts import StageRun, model_dir, read_manifest
+from rlhf.config import RecipeError
 from rlhf.data import Prompt, render_prompt
 from rlhf.data.load import load_data
 from rlhf.generation import row_seed, sample
-from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.logprobs import PackedPolicy, pack_responses, per_token, policy_logits, policy_logprobs, token_logprobs
+from rlhf.models import inference_dtype, load_policy
 from rlhf.ppo.config import PPOConfig
-from rlhf.ppo.losses import entropy, explained_variance, gae, policy_loss, token_logprobs, value_loss
-from rlhf.ppo.rollout import PackedPolicy, critic_values, pack, per_token, policy_logits, policy_logprobs, reference
+from rlhf.ppo.losses import entropy, explained_variance, gae, policy_loss, value_loss
+from rlhf.ppo.rollout import critic_values, reference
 from rlhf.progress import Progress
-from rlhf.recipe import RecipeError
 from rlhf.rewards import kl_penalty, logit, safety_gate, token_rewards, whiten
 from rlhf.training import (
     epoch_order, latest_checkpoint, lr_factor, make_accelerator, make_optimizer, micro_batches,
     prepare_model, resume, save_checkpoint, save_model, warmup_steps,
 )
-from reward_model.model import RewardModel, load_reward_model
 
 
 class TrainingStopped(Exception):
@@ -122,14 +123,14 @@ def collect_rollouts(accelerator, models, batch: list, seeds: list[int], cfg: PP
         with timer("scoring"):
             r_h, r_s = score_both(models, [p for p, _ in batch], samples.texts, cfg, accelerator.device)
             is_safety = torch.tensor([float(p.is_safety) for p, _ in batch], device=accelerator.device)
-            gated = safety_gate(r_h, r_s, is_safety, cfg.ppo.gate_threshold)
+            gated = safety_gate(r_h, r_s, is_safety, cfg.gate_threshold)
         # 3. log pi_old, log pi_0 and V_old per generated token
         with timer("forward"):
             forward = dict(prompt_ids=prompt_ids, response_ids=samples.response_ids,
                            tokens=cfg.ppo.forward_tokens, device=accelerator.device)
-            logprobs = per_token(lambda b: policy_logprobs(policy, b, cfg.generation.temperature), **forward)
+            logprobs = per_token(lambda b: policy_logprobs(policy, b, cfg.sampling.temperature), **forward)
             with reference(policy, models.ref) as ref:
-                ref_logprobs = per_token(lambda b: policy_logprobs(ref, b, cfg.generation.temperature), **forward)
+                ref_logprobs = per_token(lambda b: policy_logprobs(ref, b, cfg.sampling.temperature), **forward)
             values = per_token(lambda b: critic_values(critic, b), **forward)
     return Rollouts(prompt_ids, samples.response_ids, logprobs, ref_logprobs, values,
                     r_h, r_s, gated.reward, gated.used_safety.float(), is_safety)
@@ -222,13 +223,12 @@ def critic_source(cfg: PPOConfig) -> Path:
 
 
 def load_models(cfg: PPOConfig, device: torch.device) -> Models:
-    source = model_dir(cfg.policy_from)
-    tokenizer = load_tokenizer(source)
-    policy = PackedPolicy(prepare_model(load_causal_lm(source), cfg.policy))
-    frozen = {"dtype": torch.bfloat16} if cfg.train.mixed_precision == "bf16" else {}
+    model, tokenizer = load_policy(cfg.policy_from, attn_implementation=cfg.policy.attn_implementation)
+    policy = PackedPolicy(prepare_model(model, cfg.policy))
+    frozen = {"dtype": inference_dtype(cfg.train.mixed_precision, device)}
     # a LoRA policy is its own reference (adapter off): no second copy of the weights
-    ref = None if cfg.policy.lora.enabled else freeze(PackedPolicy(load_causal_lm(source, **frozen)), device)
-    critic = load_reward_model(critic_source(cfg))
+    ref = None if cfg.policy.lora.enabled else freeze(PackedPolicy(load_policy(cfg.policy_from, **frozen)[0]), device)
+    critic = load_reward_model(critic_source(cfg), attn_implementation=cfg.critic.attn_implementation)
     critic.model = prepare_model(critic.model, cfg.critic, task_type="SEQ_CLS", modules_to_save=["score"])
     rm_device = "cpu" if cfg.ppo.offload_reward_models else device
     helpfulness = freeze(load_reward_model(cfg.helpfulness_rm_from, **frozen), rm_device)
@@ -241,13 +241,13 @@ def freeze(model: torch.nn.Module, device) -> torch.nn.Module:
 
 
 def load_prompts(data_cfg, cfg: PPOConfig, tokenizer) -> tuple[list[tuple[Prompt, list[int]]], dict]:
-    """Prompts with their rendered ids; those over ``data.max_prompt_length`` are left out."""
+    """Prompts with their rendered ids; those over ``sampling.max_prompt_length`` are left out."""
     data = load_data(data_cfg, "prompts", cfg.seed)
     encoded = [(p, render_prompt(p.messages, tokenizer, cfg.data.template)) for p in data.records]
-    kept = [(p, ids) for p, ids in encoded if len(ids) <= cfg.data.max_prompt_length]
+    kept = [(p, ids) for p, ids in encoded if len(ids) <= cfg.sampling.max_prompt_length]
     if not kept:
-        raise RecipeError(f"data.max_prompt_length: none of the {len(encoded)} prompts fits in "
-                          f"{cfg.data.max_prompt_length} tokens")
+        raise RecipeError(f"sampling.max_prompt_length: none of the {len(encoded)} prompts fits in "
+                          f"{cfg.sampling.max_prompt_length} tokens")
     return kept, {**data.counts(), "dropped_overlong": len(encoded) - len(kept)}
 
 
@@ -275,7 +275,7 @@ def iteration_prompts(n: int, per_iteration: int, seed: int, iteration: int) -> 
 
 
 def generate(policy: PackedPolicy, prompt_ids: list[list[int]], seeds: list[int], tokenizer, cfg: PPOConfig, greedy: bool = False):
-    g = cfg.generation
+    g = cfg.sampling
     return sample(policy.model, tokenizer, prompt_ids, seeds, g.max_new_tokens, 0.0 if greedy else g.temperature,
                   g.top_p, g.batch_size)
 
@@ -375,10 +375,10 @@ def ppo_epochs(accelerator, models: Models, optimizers, schedulers, ro: Rollouts
 
 def micro_step(accelerator, models: Models, ro: Rollouts, advantages, returns, rows: list[int], cfg: PPOConfig, scale) -> torch.Tensor:
     """Forward and backward of one micro-batch; returns the sums of STATS and its token count."""
-    batch = pack(ro.prompt_ids, ro.response_ids, rows, accelerator.device)
+    batch = pack_responses(ro.prompt_ids, ro.response_ids, rows, accelerator.device)
     at = (batch.rows, batch.steps)  # each generated token of the micro-batch, (K,)
     with accelerator.autocast():
-        logits = policy_logits(models.policy, batch, cfg.generation.temperature)  # (K, V)
+        logits = policy_logits(models.policy, batch, cfg.sampling.temperature)  # (K, V)
         values = critic_values(models.critic, batch).float()  # (K,)
     lse = torch.logsumexp(logits.float(), dim=-1)  # (K,) shared by log-probs and entropy
     logprobs = token_logprobs(logits, batch.targets, lse)  # (K,)
@@ -434,7 +434,7 @@ def evaluate(accelerator, models: Models, held_out: list[tuple[Prompt, list[int]
             samples = generate(policy, [ids for _, ids in mine], [0] * len(mine), models.tokenizer, cfg, greedy=True)
             r_h, r_s = score_both(models, [p for p, _ in mine], samples.texts, cfg, accelerator.device)
         is_safety = torch.tensor([float(p.is_safety) for p, _ in mine], device=accelerator.device)
-        gated = safety_gate(r_h, r_s, is_safety, cfg.ppo.gate_threshold)
+        gated = safety_gate(r_h, r_s, is_safety, cfg.gate_threshold)
         total += torch.stack([gated.reward.sum(), torch.tensor(float(len(mine)), device=accelerator.device)])
     total = accelerator.reduce(total, "sum")
     return float(total[0] / total[1])

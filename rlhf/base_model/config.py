@@ -1,0 +1,49 @@
+"""Recipe model of the base_model stage (torch-free)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from rlhf.config import StageConfig, Strict
+
+
+class TokenizerSpec(Strict):
+    """A byte-level BPE tokenizer trained on the strings of ``corpus`` (JSONL or text files)."""
+
+    corpus: list[Path] = Field(min_length=1)
+    vocab_size: int = Field(1024, ge=300)
+
+
+class ModelSpec(Strict):
+    """A randomly initialised Llama: ``size`` is one of rlhf.models.SIZES (tiny, small, medium, 20m)."""
+
+    size: Literal["tiny", "small", "medium", "20m"] = "tiny"
+    max_positions: int = Field(512, gt=0)
+    tie_embeddings: bool = False
+
+
+class BaseModelConfig(StageConfig):
+    """The starting model: a local Hugging Face checkpoint copied in (``from_pretrained``), or a
+    tokenizer trained in-process plus a randomly initialised Llama (``tokenizer`` + ``model``).
+
+        stage: base_model
+        tokenizer: {corpus: [data/quickstart/sft.jsonl], vocab_size: 1024}
+        model: {size: tiny}
+    """
+
+    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {"from_pretrained": ("hf",), "tokenizer.corpus": ()}
+
+    stage: Literal["base_model"] = "base_model"
+    output_dir: Path = Path("runs/base_model")
+    from_pretrained: Path | None = None
+    tokenizer: TokenizerSpec | None = None
+    model: ModelSpec = ModelSpec()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "BaseModelConfig":
+        if (self.from_pretrained is None) == (self.tokenizer is None):
+            raise ValueError("give either from_pretrained (a local checkpoint) or tokenizer (to build one)")
+        return self

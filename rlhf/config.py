@@ -1,0 +1,255 @@
+"""The shared config vocabulary (torch-free): the base of every config model, the user-error
+type, the groups every stage shares, and ``StageConfig``.
+
+Errors are ``RecipeError`` with one line per problem: ``FILE: key.path: message``. The CLI
+prints them and exits 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import string
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+class RecipeError(Exception):
+    """A user mistake in a recipe or an override; the message is ready to print."""
+
+
+class Strict(BaseModel):
+    """Base of every config model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+
+# Stages whose output is a policy (a causal LM) another stage may start from; "hf" is a plain
+# Hugging Face checkpoint directory.
+POLICY_KINDS = ("base_model", "sft", "rejection_sampling", "ppo", "gatt", "context_distillation", "hf")
+REWARD_MODEL_KINDS = ("reward_model",)
+
+# The safety gate of Llama 2 (Sec. 3.2.2): a response whose safety reward (probability scale)
+# is below this is scored by the safety reward model even on a helpfulness prompt.
+GateThreshold = Annotated[float, Field(ge=0, le=1, description="Safety gate on R_s (probability scale): "
+                                       "a response scoring below it is judged by the safety reward model.")]
+# Chat format: Llama 2's [INST] format, or the tokenizer's own chat template.
+Template = Literal["llama2", "tokenizer"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups shared by the training stages
+
+
+class LoraConfig(Strict):
+    """LoRA adapters (peft). Off unless ``enabled``."""
+
+    enabled: bool = False
+    r: int = Field(8, gt=0)
+    alpha: float = 16.0
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge: bool = True  # save the merged model (plain HF) instead of the adapter + base
+
+
+
+
+class ModelConfig(Strict):
+    """How the model is held in memory and which attention kernel runs it."""
+
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; every one keeps packed sequences apart (position ids "
+        "restarting per sequence; flash_attention_2 gets one flattened row per forward).")
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = LoraConfig()
+
+
+class SamplingConfig(Strict):
+    """How a policy's answers are sampled (``rlhf.generation``)."""
+
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(0.7, ge=0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(32, gt=0, description="Rows (answers) per generation call on each process.")
+
+    def at_temperature(self, temperature: float) -> "SamplingConfig":
+        return self.model_copy(update={"temperature": temperature})
+
+
+class PromptSamplingConfig(SamplingConfig):
+    """Sampling from a set of prompts, the overlong ones left out."""
+
+    max_prompt_length: int = Field(1024, gt=0, description="Prompts of more tokens are left out (counted).")
+
+
+class TrainConfig(Strict):
+    """Optimizer, schedule and batching. ``batch_size`` is the global batch in examples
+    (sequences for SFT, pairs for reward models); it is split over processes and gradient
+    accumulation steps of ``micro_batch_size`` each."""
+
+    lr: float = Field(2e-5, gt=0)
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # cosine/linear decay ends at lr * this
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    min_warmup_steps: int = Field(0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # caps the optimizer steps when set
+    batch_size: int = Field(8, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    save_every: int = Field(50, gt=0)  # checkpoint every N optimizer steps
+    keep_checkpoints: int = Field(1, gt=0)
+    log_every: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> "TrainConfig":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size "
+                f"({self.micro_batch_size})"
+            )
+        return self
+
+
+class StageConfig(Strict):
+    """Fields every stage has. Subclasses set ``stage`` to a Literal and list their inputs.
+
+    ``INPUTS`` maps the dotted key path of each input field to the stage kinds it accepts.
+    An empty tuple means a plain file or directory (a dataset, a Hugging Face checkpoint);
+    otherwise the directory must hold a complete manifest of one of those kinds, except that
+    kinds listing ``"hf"`` also accept a plain Hugging Face checkpoint directory.
+    """
+
+    INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Old key path -> new key path: a recipe that still uses the old one gets an error naming the new.
+    RENAMED: ClassVar[dict[str, str]] = {}
+
+    stage: str
+    output_dir: Path = Path("runs/stage")
+    seed: int = 0
+    report_to: list[Literal["tensorboard", "wandb"]] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in cls.RENAMED.items():
+                if get_dotted(data, old) is not None:
+                    raise ValueError(f"key {old} was renamed to {new}")
+        return data
+
+    def input_paths(self) -> dict[str, tuple[Path, tuple[str, ...]]]:
+        """Every input that is set, by dotted key path: the ``INPUTS`` fields, and every
+        ``path`` of a nested group (data sources), as (path, accepted stage kinds)."""
+        found = {}
+        for key, kinds in self.INPUTS.items():
+            if key.endswith(".*"):  # a group of named inputs, e.g. policies.*
+                group = get_dotted(self, key[:-2]) or {}
+                found.update({f"{key[:-2]}.{name}": (Path(v), kinds) for name, v in group.items()})
+                continue
+            value = get_dotted(self, key)
+            if isinstance(value, (list, tuple)):  # a list of input files
+                found.update({f"{key}.{i}": (Path(v), kinds) for i, v in enumerate(value)})
+            elif value is not None:
+                found[key] = (Path(value), kinds)
+        for key, value in _nested_paths(self, ""):
+            found.setdefault(key, (value, ()))
+        return found
+
+    def config_hash(self) -> str:
+        """Hash of the resolved config, without where it is written or how it is logged, and
+        without where its inputs lie: they are compared by content (``input_paths``)."""
+        data = self.model_dump(mode="json", exclude={"output_dir", "report_to"})
+        for key in self.input_paths():
+            *parents, last = key.split(".")
+            node = data
+            for part in parents:
+                node = node[int(part)] if isinstance(node, list) else node[part]
+            node[int(last) if isinstance(node, list) else last] = "<input>"
+        blob = json.dumps(data, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _nested_paths(obj: Any, prefix: str) -> list[tuple[str, Path]]:
+    """(key path, value) of the ``path`` fields of nested groups and lists of groups."""
+    found = []
+    items = obj.__dict__.items() if isinstance(obj, BaseModel) else enumerate(obj)
+    for name, value in items:
+        key = f"{prefix}{name}"
+        if isinstance(value, (BaseModel, list, tuple)):
+            found += _nested_paths(value, key + ".")
+        elif name == "path" and prefix and isinstance(value, Path):
+            found.append((key, value))
+    return found
+
+
+def get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+
+def placeholders(text: str) -> set[str]:
+    """The ``{name}`` fields of a format string: "Act as {value}." -> {"value"}."""
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation with errors a user can act on
+
+
+def describe(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else json.dumps(value, default=str)
+
+
+_EXPECTED = {
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "int_parsing": "expected an integer",
+    "int_type": "expected an integer",
+    "int_from_float": "expected an integer",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected a string",
+    "list_type": "expected a list",
+    "dict_type": "expected a group of keys",
+    "model_type": "expected a group of keys",
+    "model_attributes_type": "expected a group of keys",
+}
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+        loc = loc or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "required key is missing"
+        elif kind in _EXPECTED:
+            msg = f"{_EXPECTED[kind]}, got {describe(err.get('input'))}"
+        elif kind == "literal_error":
+            msg = f"expected {err['ctx']['expected']}, got {describe(err.get('input'))}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(model: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+
