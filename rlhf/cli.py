@@ -41,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_recipe_commands(sub)
+    _add_tools(sub)
+    _add_round_commands(sub)
+    return parser
 
+
+def _add_recipe_commands(sub) -> None:
     p = sub.add_parser("run", help="run a stage recipe or a pipeline recipe")
     p.add_argument("recipe", type=Path, help="YAML recipe file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-5")
@@ -56,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.set_defaults(func=_cmd_status)
 
+    p = sub.add_parser("report", help="write the progress report of a pipeline or rounds directory")
+    p.add_argument("dir", type=Path)
+    p.set_defaults(func=_cmd_report)
+
+
+def _add_tools(sub) -> None:
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     v = data_sub.add_parser("validate", help="check a data file; list problems as FILE:LINE: field: message")
@@ -85,10 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_at_least(1e-6, float), default=0.7, help="sampling temperature of --samples")
     p.set_defaults(func=_cmd_eval_gold)
 
-    p = sub.add_parser("report", help="write the progress report of a pipeline or rounds directory")
-    p.add_argument("dir", type=Path)
-    p.set_defaults(func=_cmd_report)
 
+def _add_round_commands(sub) -> None:
     p = sub.add_parser("round", help="weekly rounds: add a preference batch, run the next round, status")
     round_sub = p.add_subparsers(dest="round_command", metavar="ROUND_COMMAND", required=True)
     r = round_sub.add_parser("add-batch", help="validate a new preference batch and store an immutable copy")
@@ -104,7 +114,6 @@ def _parser() -> argparse.ArgumentParser:
     r = round_sub.add_parser("status", help="batches, rounds, stages and headline metrics")
     r.add_argument("run", type=Path)
     r.set_defaults(func=_cmd_round_status)
-    return parser
 
 
 def _cmd_eval_rm(args: argparse.Namespace) -> int:

@@ -235,6 +235,25 @@ def _accumulate(accelerator, model, items, indices, collate, loss_fn, scale) -> 
     return StepResult(loss_sum, extras)
 
 
+def _start(run: StageRun, model: torch.nn.Module, cfg: TrainConfig, total: int, accelerator) -> tuple:
+    """The optimizer and lr schedule of ``total`` steps, prepared by accelerate, the run resumed
+    from its last checkpoint: (model, optimizer, scheduler, the step to start from)."""
+    optimizer = make_optimizer(model, cfg)
+    factor = partial(
+        lr_factor, total=total, warmup=warmup_steps(total, cfg), schedule=cfg.schedule,
+        min_ratio=cfg.min_lr_ratio,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step
+    step = resume(accelerator, run.checkpoints)
+    run.truncate_metrics(step)
+    if accelerator.trackers == [] and accelerator.log_with:
+        accelerator.init_trackers(run.dir.name)
+    model.train()
+    return model, optimizer, scheduler, step
+
+
 def train_loop(
     run: StageRun,
     model: torch.nn.Module,
@@ -249,19 +268,7 @@ def train_loop(
     """Train ``model`` on ``items``; return the final metrics. Resumes from ``run.checkpoints``."""
     check_batching(cfg, accelerator.num_processes)
     steps_per_epoch, total = plan_steps(len(items), cfg)
-    optimizer = make_optimizer(model, cfg)
-    factor = partial(
-        lr_factor, total=total, warmup=warmup_steps(total, cfg), schedule=cfg.schedule,
-        min_ratio=cfg.min_lr_ratio,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step
-    step = resume(accelerator, run.checkpoints)
-    run.truncate_metrics(step)
-    if accelerator.trackers == [] and accelerator.log_with:
-        accelerator.init_trackers(run.dir.name)
-    model.train()
+    model, optimizer, scheduler, step = _start(run, model, cfg, total, accelerator)
     progress = Progress(total, desc, initial=step)
     metrics: dict[str, float] = {}
     tokens_seen, train_seconds = 0, 0.0

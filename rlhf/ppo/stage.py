@@ -144,18 +144,7 @@ def run(cfg: PPOConfig) -> Path:
     models = load_models(cfg, accelerator.device)
     prompts, counts = load_prompts(cfg.data, cfg, models.tokenizer)
     held_out = load_prompts(cfg.early_stop.data, cfg, models.tokenizer)[0] if cfg.early_stop.data else None
-    optimizers, schedulers = make_optimizers(cfg, models)
-    models.policy, models.critic, *optimizers = accelerator.prepare(models.policy, models.critic, *optimizers)
-    early = EarlyStop()
-    accelerator.register_for_checkpointing(*schedulers, early)
-    start = resume(accelerator, run.checkpoints)
-    run.truncate_metrics(start if start else -1)  # a fresh start logs its step-0 evaluation again
-    if accelerator.log_with and not accelerator.trackers:
-        accelerator.init_trackers(run.dir.name)
-    if held_out and start == 0:  # the policy before PPO is the first candidate for the best
-        reward = evaluate(accelerator, models, held_out, cfg)
-        update_early_stop(early, reward, 0, accelerator, run, cfg)
-        run.log(0, eval_reward=reward)
+    optimizers, schedulers, early, start = start_training(accelerator, run, models, held_out, cfg)
     progress = Progress(cfg.ppo.iterations, "ppo", initial=start)
     metrics: dict[str, float] = {}
     for iteration in range(start, cfg.ppo.iterations):
@@ -234,6 +223,25 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
     helpfulness = freeze(load_reward_model(cfg.helpfulness_rm_from, **frozen), rm_device)
     safety = freeze(load_reward_model(cfg.safety_rm_from, **frozen), rm_device)
     return Models(tokenizer, policy, ref, critic.train(), helpfulness, safety)
+
+
+def start_training(accelerator, run: StageRun, models: Models, held_out, cfg: PPOConfig) -> tuple[list, list, EarlyStop, int]:
+    """Optimizers and schedulers prepared by accelerate, the run resumed from its last checkpoint
+    (a fresh start evaluates the policy before PPO: the first candidate for the best). Returns
+    them, the early-stop state and the iteration to start from."""
+    optimizers, schedulers = make_optimizers(cfg, models)
+    models.policy, models.critic, *optimizers = accelerator.prepare(models.policy, models.critic, *optimizers)
+    early = EarlyStop()
+    accelerator.register_for_checkpointing(*schedulers, early)
+    start = resume(accelerator, run.checkpoints)
+    run.truncate_metrics(start if start else -1)  # a fresh start logs its step-0 evaluation again
+    if accelerator.log_with and not accelerator.trackers:
+        accelerator.init_trackers(run.dir.name)
+    if held_out and start == 0:
+        reward = evaluate(accelerator, models, held_out, cfg)
+        update_early_stop(early, reward, 0, accelerator, run, cfg)
+        run.log(0, eval_reward=reward)
+    return optimizers, schedulers, early, start
 
 
 def freeze(model: torch.nn.Module, device) -> torch.nn.Module:
