@@ -6,8 +6,8 @@
     data: {sources: [{path: data/quickstart/prompts.jsonl}]}
     preprompt: {generic: "You are a safe and responsible assistant."}
 
-It trains like SFT (``train`` and ``model`` are the SFT stage's groups; ``data`` holds SFT's
-rendering options) with the loss on the last assistant turn only.
+It fine-tunes through the SFT stage's one path (``sft.stage.fine_tune``: ``train`` is SFT's
+group, ``data`` holds SFT's rendering options) with the loss on the last assistant turn only.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +18,9 @@ from reward_model.model import load_reward_model
 from rlhf.artifacts import StageRun, model_dir, write_json_atomic
 from rlhf.config import RecipeError
 from rlhf.context_distillation.config import ContextDistillationConfig, PrepromptConfig
-from rlhf.data import DataConfig, Message, Prompt, SFTExample, load_data, read_records, write_jsonl
+from rlhf.data import (
+    DataConfig, Message, Prompt, SFTExample, load_data, read_records, write_jsonl, write_jsonl_rows,
+)
 from rlhf.generation import Sampler, make_sampler
 from rlhf.models import inference_dtype, load_policy
 from rlhf.sharding import in_chunks
@@ -220,8 +221,8 @@ def run(cfg: ContextDistillationConfig) -> Path:
     if accelerator.is_main_process:
         (run.dir / "data").mkdir(exist_ok=True)
         write_jsonl(run.dir / "data" / "context_distillation.jsonl", examples, overwrite=True)
-        lines = [json.dumps({**r, "id": p.id, "kept": k}) + "\n" for r, p, k in zip(rows, prompts, keep)]
-        (run.dir / "data" / "candidates.jsonl").write_text("".join(lines))
+        write_jsonl_rows(run.dir / "data" / "candidates.jsonl",
+                           ({**r, "id": p.id, "kept": k} for r, p, k in zip(rows, prompts, keep)))
     del policy, sampler, evaluator
     # 4. fine-tune on the kept answers
     metrics, data_counts = fine_tune_generated(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
@@ -234,7 +235,7 @@ def run(cfg: ContextDistillationConfig) -> Path:
         answers = [{"id": p.id, "prompt": p.messages[-1].content, "before": b["answer"], "before_score": b["score"],
                     "after": a["answer"], "after_score": a["score"]} for p, b, a in zip(eval_prompts, before, after)]
         (run.dir / "eval").mkdir(exist_ok=True)
-        (run.dir / "eval" / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in answers))
+        write_jsonl_rows(run.dir / "eval" / "answers.jsonl", answers)
         gold = gold_summary(eval_prompts, {"before": before, "after": after})
         summary = write_summary(run.dir / "eval", rows, better, keep, [r["score"] for r in before], [r["score"] for r in after], gold)
     shifted = summary.get("policy_before_after", {})

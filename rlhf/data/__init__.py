@@ -19,8 +19,10 @@ from rlhf.data.records import (
     SFTExample,
     canonical_rating,
     safety_category,
+    read_jsonl_rows,
     to_dict,
     write_jsonl,
+    write_jsonl_rows,
 )
 from rlhf.data.validate import run_validate, summarize
 
@@ -28,6 +30,6 @@ __all__ = [
     "RATINGS", "DataConfig", "DataError", "Loaded", "LoadedData", "Message", "MixturePart",
     "PreferencePair", "Problem", "Prompt", "Rendered", "SFTExample", "SourceConfig",
     "canonical_rating", "load_data", "load_source", "mix", "parse_transcript", "read_records",
-    "render", "render_prompt", "run_validate", "safety_category", "summarize", "to_dict",
-    "write_jsonl",
+    "read_jsonl_rows", "render", "render_prompt", "run_validate", "safety_category", "summarize",
+    "to_dict", "write_jsonl", "write_jsonl_rows",
 ]

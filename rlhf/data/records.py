@@ -172,12 +172,30 @@ def write_jsonl(path: str | Path, records: Iterable[Record], overwrite: bool = F
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: exists; records are never written over existing data")
+    return write_jsonl_rows(path, (to_dict(record) for record in records))
+
+
+def write_jsonl_rows(path: Path, rows: Iterable[dict]) -> int:
+    """One JSON object per line (gzip when the name ends in ``.gz``), atomically: the file is
+    complete or absent, which resuming relies on. Returns the number of rows."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    opener = gzip.open if path.suffix == ".gz" else open
     n = 0
-    with opener(tmp, "wt", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(to_dict(record), ensure_ascii=False) + "\n")
+    with (gzip.open if path.suffix == ".gz" else open)(tmp, "wt", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     os.replace(tmp, path)
     return n
+
+
+def read_jsonl_rows(path: Path) -> list[dict]:
+    """The rows of a JSONL file the toolkit wrote; a broken line is a ``DataError`` naming it."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise DataError([Problem(str(path), n, "json", str(exc))]) from None
+    return rows

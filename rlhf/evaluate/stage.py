@@ -20,7 +20,7 @@ import torch
 
 from reward_model.model import load_reward_model
 from rlhf.artifacts import StageRun
-from rlhf.data import Prompt, render_prompt
+from rlhf.data import Prompt, render_prompt, write_jsonl_rows
 from rlhf.data.load import load_data
 from rlhf.evaluate.config import EvaluateConfig
 from rlhf.generation import row_seed, sample
@@ -136,10 +136,11 @@ def run(cfg: EvaluateConfig) -> Path:
 def _write(out: Path, summary: dict, prompts: list[Prompt], results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    with open(out / "responses.jsonl", "w") as fh:
-        for i, prompt in enumerate(prompts):
-            row = {"prompt": prompt.messages[-1].content, "is_safety": prompt.is_safety}
-            for name, res in results.items():
-                row[name] = res["texts"][i]
-                row[f"{name}_combined"] = round(float(res["scores"]["combined"][i]), 4)
-            fh.write(json.dumps(row) + "\n")
+    rows = []
+    for i, prompt in enumerate(prompts):
+        row = {"prompt": prompt.messages[-1].content, "is_safety": prompt.is_safety}
+        for name, res in results.items():
+            row[name] = res["texts"][i]
+            row[f"{name}_combined"] = round(float(res["scores"]["combined"][i]), 4)
+        rows.append(row)
+    write_jsonl_rows(out / "responses.jsonl", rows)

@@ -10,8 +10,8 @@
       combine: 0.3                  # share of instructions combining several constraints
       shorten: 0.5                  # share written in their short form ("Figure: Napoleon")
 
-It trains like SFT (``train`` and ``model`` are the SFT stage's groups; ``data`` holds SFT's
-rendering options) with the loss on the last assistant turn only.
+It fine-tunes through the SFT stage's one path (``sft.stage.fine_tune``: ``train`` is SFT's
+group, ``data`` holds SFT's rendering options) with the loss on the last assistant turn only.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ system instruction over many turns.
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from dataclasses import asdict, dataclass, replace
 from functools import reduce
@@ -22,7 +21,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from rlhf.artifacts import StageRun, model_dir, write_json_atomic
 from rlhf.config import RecipeError
-from rlhf.data import Message, Prompt, SFTExample, load_data, read_records, write_jsonl
+from rlhf.data import Message, Prompt, SFTExample, load_data, read_records, write_jsonl, write_jsonl_rows
 from rlhf.gatt.checks import OBEY, get_checker
 from rlhf.gatt.config import Constraint, GAttConfig, InstructionsConfig
 from rlhf.generation import Sampler, make_sampler
@@ -270,7 +269,7 @@ def write_eval(out: Path, results: dict[str, list[Dialogue]], constraints: Seque
     rates = {name: follow_rates(ds, constraints) for name, ds in results.items()}
     for name, ds in results.items():
         rows = [{**asdict(d), "follows": [follows(a, d.instruction, constraints) for a in d.answers]} for d in ds]
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl_rows(out / f"{name}.jsonl", rows)
     write_json_atomic(out / "gatt.json", rates)
     depths = sorted({k for r in rates.values() for k in r})
     lines = ["# Ghost Attention: instruction followed, by assistant turn", "",

@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from math import comb
@@ -35,7 +34,9 @@ import torch
 
 from reward_model.model import load_reward_model
 from rlhf.artifacts import StageRun, model_dir, read_manifest, write_json_atomic
-from rlhf.data import DataError, Message, Problem, Prompt, SFTExample, load_data, render_prompt, to_dict
+from rlhf.data import (
+    DataError, Message, Problem, Prompt, SFTExample, load_data, read_jsonl_rows, render_prompt, to_dict, write_jsonl_rows,
+)
 from rlhf.generation import length_buckets, row_seed, sample
 from rlhf.models import inference_dtype, load_policy
 from rlhf.progress import Progress
@@ -123,9 +124,9 @@ def sample_all(accelerator, policy, tokenizer, items: Sequence[Item], k: int, te
         path = out / f"bucket-{b:05d}.jsonl"
         if not path.exists():
             found = sample_bucket(policy, tokenizer, [items[i] for i in buckets[b]], k, temperature, cfg, round_no)
-            _write_jsonl(path, [{"key": key, **v} for key, v in found.items()])
+            write_jsonl_rows(path, [{"key": key, **v} for key, v in found.items()])
             generated += sum(sum(v["tokens"]) for v in found.values())
-        mine.update({row["key"]: {"responses": row["responses"], "tokens": row["tokens"]} for row in _read_jsonl(path)})
+        mine.update({row["key"]: {"responses": row["responses"], "tokens": row["tokens"]} for row in read_jsonl_rows(path)})
         progress.update(world)
     progress.close()
     return gather_dict(accelerator, mine), int(accelerator.reduce(torch.tensor(generated, device=accelerator.device), "sum"))
@@ -194,7 +195,7 @@ def read_pool(stage_dir: Path) -> dict[str, dict]:
     if not path.is_file():
         raise DataError([Problem(str(path), None, "pool", "missing: pool_from must be a finished rejection_sampling stage")])
     pool = {}
-    for entry in _read_jsonl(path):
+    for entry in read_jsonl_rows(path):
         pool[entry["key"]] = entry
     return pool
 
@@ -332,7 +333,7 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     # 4. report (before training, so a long fine-tuning run can be watched with it)
     summary = _report(stage.dir, items, samples, scores, sweep_scores, changes, round_no) if accelerator.is_main_process else {}
     if accelerator.is_main_process:
-        _write_jsonl(stage.dir / POOL, list(pool.values()))
+        write_jsonl_rows(stage.dir / POOL, list(pool.values()))
     # 5. fine-tune on the pool
     source = model_dir(cfg.student_from or cfg.policy_from)
     train_metrics, data_counts = fine_tune_generated(stage, accelerator, source, pool_examples(pool), cfg)
@@ -353,7 +354,7 @@ def run(cfg: RejectionSamplingConfig) -> Path:
 def _report(out: Path, items, samples, scores, sweep_scores, changes, round_no) -> dict:
     """report/summary.json, best_of_k.png (Fig. 7), temperature_sweep.png (Fig. 8);
     samples.jsonl with every sample's scores."""
-    _write_jsonl(out / "samples.jsonl", [{"key": i.key, "is_safety": i.prompt.is_safety, "responses": samples[i.key]["responses"],
+    write_jsonl_rows(out / "samples.jsonl", [{"key": i.key, "is_safety": i.prompt.is_safety, "responses": samples[i.key]["responses"],
                                           "scores": scores[i.key]} for i in items])
     rewards = {key: [s["reward"] for s in rows] for key, rows in scores.items()}
     curves = {name: average_curves(rewards, keys) for name, keys in prompt_categories(items).items()}
@@ -394,23 +395,3 @@ def _free_memory() -> None:
 def _mean(values) -> float | None:
     values = list(values)
     return sum(values) / len(values) if values else None
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    """Atomically: a file is complete or absent (what resuming relies on)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, start=1):
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise DataError([Problem(str(path), n, "json", str(exc))]) from None
-    return rows
