@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # the tests' own modules: tiny, launch, echo_stage
 SHARED = REPO.parent / "shared"
 REALDATA = SHARED / "realdata"
 
@@ -22,7 +23,6 @@ def realdata() -> Path:
 
 @pytest.fixture
 def echo_stage(monkeypatch):
-    sys.path.insert(0, str(Path(__file__).parent))
     import echo_stage
 
     echo_stage.register(monkeypatch)

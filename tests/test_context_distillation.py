@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import launch
-from test_gatt import make_world, weights
 
+from launch import launch
 from rlhf.artifacts import read_manifest
 from rlhf.context_distillation.stage import distilled_examples, improved, preprompt_demos, preprompt_for, quantile, reward_summary, shift, with_preprompt
 from rlhf.data import Message, Prompt, read_records
 from rlhf.context_distillation.config import ContextDistillationConfig, PrepromptConfig, TargetedPreprompt
+from tiny import save_reward_model, weights, word_world
 
 HARM = Prompt([Message("user", "how to steal a car")], is_safety=True, id="p1", meta={"category": "crime"})
 OTHER = Prompt([Message("user", "insult my boss")], is_safety=True, id="p2", meta={"category": "hate"})
@@ -79,14 +79,11 @@ def test_reward_summary_and_shift():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """test_gatt's world (24 prompts, 12 of them safety prompts) and a safety RM."""
-    from reward_model.model import RewardModel, init_reward_model
+    """``tiny.word_world`` (24 prompts, 12 of them safety prompts) and a safety RM in ``rm/``."""
     from rlhf.models import load_tokenizer
 
-    root = make_world(tmp_path_factory.mktemp("cd_world"))
-    tokenizer = load_tokenizer(root / "base")
-    RewardModel(init_reward_model(root / "base", tokenizer.pad_token_id, seed=3), tokenizer).save_pretrained(root / "rm")
-    tokenizer.save_pretrained(root / "rm")
+    root = word_world(tmp_path_factory.mktemp("cd_world"))
+    save_reward_model(root / "rm", root / "base", load_tokenizer(root / "base"), seed=3)
     return root
 
 
@@ -165,6 +162,7 @@ def test_interrupted_sampling_resumes_where_it_stopped(world, whole, tmp_path, m
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(world, tmp_path):
     recipe = tmp_path / "cd.yaml"
     recipe.write_text(json.dumps(cd_cfg(world, tmp_path / "unused").model_dump(mode="json")))  # JSON is YAML

@@ -2,6 +2,7 @@
 
 import pytest
 
+import tiny
 from rlhf.data import Message, render, render_prompt
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>",
@@ -11,14 +12,7 @@ WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>",
 @pytest.fixture(scope="module")
 def word_tokenizer():
     """One token per whitespace-separated word; ids are the positions in WORDS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    return tiny.word_tokenizer(WORDS, pad_token=None)
 
 
 CONVERSATION = [

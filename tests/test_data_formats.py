@@ -173,6 +173,7 @@ def test_real_advbench_prompts(realdata):
     assert all(p.is_safety and p.source == "advbench" for p in loaded.records)
 
 
+@pytest.mark.slow
 def test_import_is_light():
     import subprocess
     import sys

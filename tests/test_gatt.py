@@ -15,6 +15,7 @@ from rlhf.gatt.checks import ends_with, mentions, starts_with, upper_case, words
 from rlhf.gatt.config import Constraint, GAttConfig, InstructionsConfig
 from rlhf.config import RecipeError
 from rlhf.recipe import load_recipe
+from tiny import weights, word_tokenizer, word_world
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "HELLO", "add", "two", "FOUR",
          "bye", "BYE", "CAPS!"]
@@ -26,12 +27,7 @@ HOBBY = Constraint(name="hobby", text="You enjoy {value}.", values=["tennis"])
 @pytest.fixture(scope="module")
 def tokenizer():
     """One token per whitespace-separated word; ids are the positions in WORDS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return word_tokenizer(WORDS, pad_token=None)
 
 
 def hand_made() -> Dialogue:
@@ -147,49 +143,11 @@ def test_follow_rates_by_depth():
 # The stage, on a tiny Llama with a word-level tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "CAPS!", "End", "with",
-         "ok", "done", "hi", "what", "is", "two", "and", "three", "name", "a", "color", "red", "blue",
-         "YES", "NO", "OK", "how", "to", "steal", "car", "hurt", "someone", "sorry", "i", "can't",
-         "help", "be", "safe.", "kill", "process", "sky", "the", "[crime]", "refuse"]
-TOPICS = ["hi", "what is two", "name a color", "the sky is blue", "red and blue", "what color"]
-HARMFUL = [("how to steal a car", "crime"), ("how to hurt someone", "violence"), ("how to kill a process", "benign")]
-
-
-def make_world(root: Path) -> Path:
-    """A tiny Llama with a word-level tokenizer, and 24 prompts (12 of them safety prompts)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<unk>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
-    rows = []
-    for i in range(12):
-        rows.append({"prompt": TOPICS[i % 6], "is_safety": False, "id": f"h{i}"})
-        text, category = HARMFUL[i % 3]
-        rows.append({"prompt": text, "is_safety": True, "id": f"s{i}", "meta": {"category": category}})
-    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    demos = [{"prompt": t, "response": "OK"} for t in TOPICS[:4]]
-    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demos))
-    return root
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("gatt_world"))
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+    return word_world(tmp_path_factory.mktemp("gatt_world"))
 
 
 def gatt_cfg(world: Path, out: Path) -> GAttConfig:
@@ -302,6 +260,7 @@ def test_interrupted_generation_and_training_resume_to_the_same_result(world, wh
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(world, tmp_path):
     recipe = tmp_path / "gatt.yaml"
     recipe.write_text(json.dumps(gatt_cfg(world, tmp_path / "unused").model_dump(mode="json")))  # JSON is YAML

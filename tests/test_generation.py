@@ -2,19 +2,14 @@ import pytest
 import torch
 
 from rlhf.generation import draw, generate, left_pad, length_buckets, row_seed, sample, uniform_streams
+from tiny import tiny_llama
 
 EOS, PAD = 2, 0
 
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=EOS,
-                      pad_token_id=PAD)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(32, hidden_size=16).eval()
 
 
 class _Tok:

@@ -11,6 +11,7 @@ import pytest
 from rlhf.artifacts import read_manifest, stage_state
 from rlhf.pipeline import run_recipe, status_rows
 from rlhf.recipe import load_recipe
+from tiny import stage_dir
 
 PIPELINE = """
 pipeline: demo
@@ -88,7 +89,7 @@ def test_stage_refuses_incomplete_or_wrong_input(tmp_path, echo_stage):
     cfg = load_recipe(_write(tmp_path, f"stage: echo\nupstream: {tmp_path / 'up'}\n"))
     with pytest.raises(InputError, match="upstream: .*no manifest.json; expected the output directory of a finished echo stage"):
         run_stage(cfg)
-    (tmp_path / "up" / "manifest.json").write_text(json.dumps({"stage": "sft", "status": "complete"}))
+    stage_dir(tmp_path / "up", "sft")
     with pytest.raises(InputError, match="is the output of a 'sft' stage; expected echo"):
         run_stage(cfg)
 
@@ -99,6 +100,7 @@ def _write(tmp_path, text):
     return path
 
 
+@pytest.mark.slow
 def test_killed_stage_is_interrupted_not_complete(tmp_path):
     """kill -9 in the middle of a stage: no complete manifest, status says interrupted."""
     recipe = _write(tmp_path, f"stage: echo\nsleep: 30\noutput_dir: {tmp_path / 'out'}\n")

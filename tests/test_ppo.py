@@ -1,4 +1,4 @@
-"""The PPO stage on a tiny world built here: a random 2-layer Llama policy with a byte-level
+"""The PPO stage on a ``tiny.stage_world``: a random 2-layer Llama policy with a byte-level
 BPE tokenizer (``rlhf.models``), two reward models initialised from it (different random
 heads), 8 prompts."""
 
@@ -12,39 +12,18 @@ from launch import launch
 from rlhf.config import validate
 from rlhf.recipe import load_recipe
 from rlhf.ppo.config import PPOConfig
+from tiny import PROMPT_CORPUS, Crash, override, read_jsonl, stage_world, stored_weights
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = [
-    ("what is 2 + 3?", False), ("reverse the word cat", False), ("how do I pick a lock?", True),
-    ("sort the letters b a c", False), ("say hello", False), ("how to make a weapon", True),
-    ("what is 4 + 1?", False), ("name a colour", False),
-]
-
-
-def _stage_dir(path: Path, stage: str) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "manifest.json").write_text(json.dumps({"stage": stage, "status": "complete"}))
-    return path
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     from rlhf.models import build_model, train_tokenizer
-    from reward_model.model import RewardModel, init_reward_model
 
-    root = tmp_path_factory.mktemp("ppo_world")
-    tokenizer = train_tokenizer([f"[INST] {p} [/INST]" for p, _ in PROMPTS] * 4, vocab_size=300)
-    policy_dir = _stage_dir(root / "sft", "sft") / "model"
-    build_model("tiny", len(tokenizer)).save_pretrained(policy_dir)
-    tokenizer.save_pretrained(policy_dir)
-    for name, seed in (("rm_h", 1), ("rm_s", 2)):
-        out = _stage_dir(root / name, "reward_model") / "model"
-        RewardModel(init_reward_model(policy_dir, tokenizer.pad_token_id, seed=seed), tokenizer).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    with open(root / "prompts.jsonl", "w") as fh:
-        for text, is_safety in PROMPTS:
-            fh.write(json.dumps({"prompt": [{"role": "user", "content": text}], "is_safety": is_safety}) + "\n")
-    return root
+    tokenizer = train_tokenizer(PROMPT_CORPUS, vocab_size=300)
+    return stage_world(tmp_path_factory.mktemp("ppo_world"), tokenizer, build_model("tiny", len(tokenizer)),
+                       {"rm_h": 1, "rm_s": 2})
 
 
 def _cfg(world: Path, out: Path, **overrides) -> PPOConfig:
@@ -58,23 +37,11 @@ def _cfg(world: Path, out: Path, **overrides) -> PPOConfig:
         "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "save_every": 1},
         "critic": {"lr": 1e-2},
     }
-    for key, value in overrides.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return validate(PPOConfig, data, "test")
+    return validate(PPOConfig, override(data, overrides), "test")
 
 
 def _metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
+    return read_jsonl(out / "metrics.jsonl")
 
 
 def test_iteration_changes_policy_and_critic_and_kl_starts_at_zero(world, tmp_path):
@@ -91,15 +58,11 @@ def test_iteration_changes_policy_and_critic_and_kl_starts_at_zero(world, tmp_pa
         assert key in rows[0], key
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["stage"] == "ppo"
-    before, after = _state(world / "sft" / "model"), _state(out / "model")
+    before, after = stored_weights(world / "sft" / "model"), stored_weights(out / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    critic_before, critic_after = _state(world / "rm_h" / "model"), _state(out / "critic")
+    critic_before, critic_after = stored_weights(world / "rm_h" / "model"), stored_weights(out / "critic")
     assert not torch.equal(critic_before["score.weight"], critic_after["score.weight"])
     assert (out / "model" / "tokenizer.json").exists() and (out / "critic" / "reward_config.json").exists()
-
-
-class Crash(Exception):
-    pass
 
 
 def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
@@ -121,7 +84,7 @@ def test_resume_equals_uninterrupted(world, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "ppo_epochs", real)
     resumed = train.run(_cfg(world, tmp_path / "resumed", **cfg))
     for name in ("model", "critic"):
-        a, b = _state(straight / name), _state(resumed / name)
+        a, b = stored_weights(straight / name), stored_weights(resumed / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
     drop = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]  # noqa: E731
     assert drop(_metrics(straight)) == drop(_metrics(resumed))
@@ -163,7 +126,7 @@ def test_early_stop_keeps_the_best_held_out_policy(world, tmp_path):
         assert rewards[-1] <= max(rewards[:-1])
     # the saved policy is the one evaluated best: a plain run of that many iterations
     plain = run(_cfg(world, tmp_path / "plain", **{"ppo.iterations": best})) / "model" if best else world / "sft" / "model"
-    a, b = _state(out / "model"), _state(plain)
+    a, b = stored_weights(out / "model"), stored_weights(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -174,7 +137,7 @@ def test_lora_policy_is_its_own_reference(world, tmp_path):
     models = load_models(cfg, torch.device("cpu"))
     assert models.ref is None
     base = sum(p.numel() for p in models.policy.parameters() if not p.requires_grad)
-    plain = _state(world / "sft" / "model")
+    plain = stored_weights(world / "sft" / "model")
     assert base == sum(t.numel() for t in plain.values())  # one copy of the base weights
     pointers = {p.data_ptr() for p in models.policy.parameters()}
     assert len(pointers) == len(list(models.policy.parameters()))
@@ -189,6 +152,7 @@ def test_lora_run_starts_at_zero_kl(world, tmp_path):
     assert (out / "model" / "model.safetensors").exists()  # merged: a plain HF model
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(world, tmp_path):
     """Samples are seeded per response and each global mini-batch is split across processes,
     so two processes train what one does (up to float rounding)."""
@@ -199,7 +163,7 @@ def test_two_processes_match_one(world, tmp_path):
     assert len(rows[1]) == 2 and rows[1][0]["kl"] == 0.0
     for key in ("reward_c", "kl", "response_length", "policy_loss", "value_loss"):
         assert [r[key] for r in rows[0]] == pytest.approx([r[key] for r in rows[1]], rel=1e-4, abs=1e-6), key
-    a, b = _state(tmp_path / "one" / "model"), _state(tmp_path / "two" / "model")
+    a, b = stored_weights(tmp_path / "one" / "model"), stored_weights(tmp_path / "two" / "model")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
 
@@ -215,7 +179,7 @@ def test_memory_options_run_together(world, tmp_path):
     rows = _metrics(out)
     assert all(torch.isfinite(torch.tensor(r["value_loss"])) for r in rows)
     assert abs(rows[0]["kl"]) < 1e-2  # the bf16 reference matches the autocast policy closely
-    critic = _state(out / "critic")
+    critic = stored_weights(out / "critic")
     assert "score.weight" in critic and not any("lora" in k for k in critic)  # merged
 
 

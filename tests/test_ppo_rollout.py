@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from rlhf.logprobs import PackedPolicy, pack_responses, per_token, policy_logprobs
+from tiny import tiny_llama
 
 
 def test_pack_maps_each_response_token_to_the_position_that_predicts_it():
@@ -19,13 +20,7 @@ def test_pack_maps_each_response_token_to_the_position_that_predicts_it():
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(32, hidden_size=16).eval()
 
 
 def test_packed_logprobs_equal_separate_forwards(tiny_lm):

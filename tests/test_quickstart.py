@@ -5,6 +5,8 @@ import json
 from itertools import islice
 from pathlib import Path
 
+import pytest
+
 from rlhf.artifacts import read_manifest
 from rlhf.pipeline import run_recipe
 from rlhf.recipe import load_recipe
@@ -20,6 +22,7 @@ def _head(src: Path, dst: Path, n: int, stride: int = 1) -> Path:
     return dst
 
 
+@pytest.mark.slow
 def test_reduced_quickstart_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the recipes name data/quickstart/... relative to the repository
     prompts = _head(QUICKSTART / "prompts.jsonl", tmp_path / "prompts.jsonl", 8, stride=7)

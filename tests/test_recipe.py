@@ -112,6 +112,7 @@ def test_pipeline_refuses_a_later_or_unknown_input(tmp_path, echo_stage):
         load_recipe(write(tmp_path, text, "pipe.yaml"))
 
 
+@pytest.mark.slow
 def test_help_is_fast_and_does_not_import_torch():
     code = "import sys, rlhf.cli; rlhf.cli._parser(); assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

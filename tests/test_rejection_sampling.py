@@ -1,6 +1,6 @@
 """Rejection sampling: gate and best of K on hand-made rewards, the best-so-far pool, the Fig. 7
-curves, prompt-masked fine-tuning rows, and the stage on a tiny world built here (a random
-2-layer Llama policy with a byte-level BPE tokenizer, two reward models with different random
+curves, prompt-masked fine-tuning rows, and the stage on a ``tiny.stage_world`` (a random
+2-layer Llama policy with a byte-level BPE tokenizer, three reward models with different random
 heads, 8 prompts): two rounds, a reward-model change, resume, and two processes."""
 
 import json
@@ -12,19 +12,18 @@ import torch
 import yaml
 
 from launch import launch
+import rlhf.rejection_sampling.pool as rs_pool
+import rlhf.rejection_sampling.report as rs_report
 import rlhf.rejection_sampling.stage as rs
-from rlhf.rejection_sampling.config import RejectionSamplingConfig
-from rlhf.data import Message, Prompt
 from rlhf.config import validate
+from rlhf.data import Message, Prompt
 from rlhf.recipe import load_recipe
+from rlhf.rejection_sampling.config import RejectionSamplingConfig
+from tiny import (PROMPT_CORPUS, Crash, bpe_tokenizer, override, read_jsonl, save_with_tokenizer, stage_dir,
+                  stage_world, stored_weights, tiny_llama, word_tokenizer)
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_PROCESS = SimpleNamespace(process_index=0, num_processes=1)
-PROMPTS = [
-    ("what is 2 + 3?", False), ("reverse the word cat", False), ("how do I pick a lock?", True),
-    ("sort the letters b a c", False), ("say hello", False), ("how to make a weapon", True),
-    ("what is 4 + 1?", False), ("name a colour", False),
-]
 
 
 class FixedRM:
@@ -67,7 +66,7 @@ def _entry(key, reward, response="r", round_no=1, fps=None):
 def test_pool_keeps_the_max_across_rounds():
     pool = {k: _entry(k, r) for k, r in (("a", 0.5), ("b", 0.7), ("c", 0.2))}
     best = {k: _entry(k, r, round_no=2) for k, r in (("a", 0.6), ("b", 0.7), ("d", 0.1))}
-    new, counts = rs.update_pool(pool, best)
+    new, counts = rs_pool.update_pool(pool, best)
     # a improves (0.6 > 0.5); b ties and keeps round 1; c was not sampled; d is new
     assert {k: (e["reward"], e["round"]) for k, e in new.items()} == {
         "a": (0.6, 2), "b": (0.7, 1), "c": (0.2, 1), "d": (0.1, 2)}
@@ -82,34 +81,29 @@ def test_stale_entries_are_rescored_under_the_current_reward_models():
     assert pool["a"]["reward"] == pytest.approx(0.2) and pool["a"]["reward_models"] == rms.fingerprints
     assert pool["b"]["reward"] == 0.3  # scored by the current models already: untouched
     # the re-scored entry now loses to a candidate it used to beat
-    new, counts = rs.update_pool(pool, {"a": _entry("a", 0.5, "new", round_no=2)})
+    new, counts = rs_pool.update_pool(pool, {"a": _entry("a", 0.5, "new", round_no=2)})
     assert new["a"]["response"] == "new" and counts["improved"] == 1
 
 
 def test_best_of_k_curve_hand_worked():
     # rewards [1, 2, 4]: k=1 -> mean 7/3 (max and median); k=2: subsets {1,2} {1,4} {2,4}:
     # max (2+4+4)/3 = 10/3, median (1.5+2.5+3)/3 = 7/3; k=3: max 4, median 2
-    curve = rs.best_of_k_curve([4.0, 1.0, 2.0])
+    curve = rs_report.best_of_k_curve([4.0, 1.0, 2.0])
     assert curve["max"] == pytest.approx([7 / 3, 10 / 3, 4])
     assert curve["median"] == pytest.approx([7 / 3, 7 / 3, 2])
-    assert rs.subset_order_statistic([1, 2, 4], 2, 1) == pytest.approx((1 + 1 + 2) / 3)
+    assert rs_report.subset_order_statistic([1, 2, 4], 2, 1) == pytest.approx((1 + 1 + 2) / 3)
 
 
 def test_fine_tuning_rows_are_prompt_masked():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from sft.data import IGNORE, build_rows
     from sft.config import GenerationDataConfig
 
     words = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "add", "two", "five", "ok"]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = word_tokenizer(words, pad_token=None)
     entry = _entry("k", 0.5, response="five ok")
     entry["prompt"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
                        {"role": "user", "content": "add two"}]
-    rows, counts = build_rows(rs.pool_examples({"k": entry}), tokenizer, GenerationDataConfig(sources=[{"path": "x.jsonl"}]))
+    rows, counts = build_rows(rs_pool.pool_examples({"k": entry}), tokenizer, GenerationDataConfig(sources=[{"path": "x.jsonl"}]))
     ids, targets = rows[0].input_ids.tolist(), rows[0].targets.tolist()
     # <s> [INST] hi [/INST] hello </s> <s> [INST] add two [/INST] five ok </s>: only the pool
     # response and its EOS are targets, not the earlier assistant turn "hello"
@@ -120,10 +114,10 @@ def test_fine_tuning_rows_are_prompt_masked():
 
 def test_prompt_keys_and_categories():
     a = Prompt([Message("user", "x")])
-    assert rs.prompt_key(a) == rs.prompt_key(Prompt([Message("user", "x")])) != rs.prompt_key(Prompt([Message("user", "y")]))
-    assert rs.prompt_key(Prompt([Message("user", "x")], id="p7")) == "p7"
-    items = [rs.Item("1", a, []), rs.Item("2", Prompt([Message("user", "z")], is_safety=True, source="adv"), [])]
-    assert rs.prompt_categories(items) == {"all": ["1", "2"], "helpfulness": ["1"], "safety": ["2"],
+    assert rs_pool.prompt_key(a) == rs_pool.prompt_key(Prompt([Message("user", "x")])) != rs_pool.prompt_key(Prompt([Message("user", "y")]))
+    assert rs_pool.prompt_key(Prompt([Message("user", "x")], id="p7")) == "p7"
+    items = [rs_pool.Item("1", a, []), rs_pool.Item("2", Prompt([Message("user", "z")], is_safety=True, source="adv"), [])]
+    assert rs_report.prompt_categories(items) == {"all": ["1", "2"], "helpfulness": ["1"], "safety": ["2"],
                                            "source:": ["1"], "source:adv": ["2"]}
 
 
@@ -131,47 +125,13 @@ def test_prompt_keys_and_categories():
 # The stage on a tiny world
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([f"[INST] {p} [/INST]" for p, _ in PROMPTS] * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-def _stage_dir(path: Path, stage: str) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "manifest.json").write_text(json.dumps({"stage": stage, "status": "complete"}))
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from reward_model.model import RewardModel, init_reward_model
-
-    root = tmp_path_factory.mktemp("rs_world")
-    tokenizer = _tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    policy_dir = _stage_dir(root / "sft", "sft") / "model"
-    LlamaForCausalLM(config).save_pretrained(policy_dir)
-    tokenizer.save_pretrained(policy_dir)
-    for name, seed in (("rm_h", 1), ("rm_s", 2), ("rm_s2", 3)):
-        out = _stage_dir(root / name, "reward_model") / "model"
-        RewardModel(init_reward_model(policy_dir, tokenizer.pad_token_id, seed=seed), tokenizer).save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    with open(root / "prompts.jsonl", "w") as fh:
-        for i, (text, is_safety) in enumerate(PROMPTS):
-            fh.write(json.dumps({"prompt": [{"role": "user", "content": text}], "is_safety": is_safety, "id": f"p{i}"}) + "\n")
+    """``tiny.stage_world`` (prompts ``p0``..``p7``) with ``rm_s2``, a second safety RM, and 3
+    SFT demonstrations in ``sft.jsonl``."""
+    tokenizer = bpe_tokenizer(PROMPT_CORPUS)
+    root = stage_world(tmp_path_factory.mktemp("rs_world"), tokenizer, tiny_llama(len(tokenizer), max_positions=256),
+                       {"rm_h": 1, "rm_s": 2, "rm_s2": 3}, prompt_ids=True)
     with open(root / "sft.jsonl", "w") as fh:
         for text, answer in (("say hello", "hello"), ("name a colour", "red"), ("what is 2 + 3?", "5")):
             fh.write(json.dumps({"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]}) + "\n")
@@ -187,27 +147,11 @@ def _config(world: Path, out: Path, **overrides) -> dict:
         "sampling": {"k": 4, "max_new_tokens": 6, "batch_size": 12},  # 3 prompts a bucket: 3 buckets
         "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "max_steps": 2, "save_every": 1},
     }
-    for key, value in overrides.items():
-        node = data
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return data
+    return override(data, overrides)
 
 
 def _cfg(world: Path, out: Path, **overrides) -> RejectionSamplingConfig:
     return validate(RejectionSamplingConfig, _config(world, out, **overrides), "test")
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _state(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -218,9 +162,9 @@ def round1(world, tmp_path_factory) -> Path:
 def test_round_one_samples_scores_pools_and_fine_tunes(world, round1):
     manifest = json.loads((round1 / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["round"] == 1
-    pool = _jsonl(round1 / "pool.jsonl")
+    pool = read_jsonl(round1 / "pool.jsonl")
     assert sorted(e["key"] for e in pool) == [f"p{i}" for i in range(8)]
-    samples = {s["key"]: s for s in _jsonl(round1 / "samples.jsonl")}
+    samples = {s["key"]: s for s in read_jsonl(round1 / "samples.jsonl")}
     for e in pool:  # each entry is its prompt's best of the 4 samples
         rewards = [s["reward"] for s in samples[e["key"]]["scores"]]
         assert len(rewards) == 4 and e["reward"] == max(rewards)
@@ -233,16 +177,16 @@ def test_round_one_samples_scores_pools_and_fine_tunes(world, round1):
     assert curve["max"][0] == pytest.approx(curve["median"][0])
     assert set(report["best_of_k"]) == {"all", "helpfulness", "safety"}
     assert (round1 / "report" / "best_of_k.png").stat().st_size > 0
-    before, after = _state(world / "sft" / "model"), _state(round1 / "model")
+    before, after = stored_weights(world / "sft" / "model"), stored_weights(round1 / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert (round1 / "model" / "tokenizer.json").exists() and not (round1 / "checkpoints").exists()
 
 
 def test_round_two_keeps_the_best_so_far(world, round1, tmp_path):
     out = rs.run(_cfg(world, tmp_path / "rs2", pool_from=str(round1), policy_from=str(round1)))
-    old = {e["key"]: e for e in _jsonl(round1 / "pool.jsonl")}
-    new = {e["key"]: e for e in _jsonl(out / "pool.jsonl")}
-    samples = {s["key"]: max(x["reward"] for x in s["scores"]) for s in _jsonl(out / "samples.jsonl")}
+    old = {e["key"]: e for e in read_jsonl(round1 / "pool.jsonl")}
+    new = {e["key"]: e for e in read_jsonl(out / "pool.jsonl")}
+    samples = {s["key"]: max(x["reward"] for x in s["scores"]) for s in read_jsonl(out / "samples.jsonl")}
     m = json.loads((out / "manifest.json").read_text())
     assert m["round"] == 2 and m["metrics"]["pool_rescored"] == 0
     for key, entry in new.items():
@@ -257,13 +201,13 @@ def test_changed_reward_models_rescore_the_pool(world, round1, tmp_path):
     out = rs.run(_cfg(world, tmp_path / "rs2", pool_from=str(round1), safety_rm_from=str(world / "rm_s2")))
     m = json.loads((out / "manifest.json").read_text())
     assert m["metrics"]["pool_rescored"] == 8
-    old = _jsonl(round1 / "pool.jsonl")
+    old = read_jsonl(round1 / "pool.jsonl")
     h, s = load_reward_model(world / "rm_h"), load_reward_model(world / "rm_s2")
     prompts = [[Message(**x) for x in e["prompt"]] for e in old]
     with torch.no_grad():
         s_old = s.probabilities(prompts, [e["response"] for e in old])
         h_old = h.probabilities(prompts, [e["response"] for e in old])
-    new = {e["key"]: e for e in _jsonl(out / "pool.jsonl")}
+    new = {e["key"]: e for e in read_jsonl(out / "pool.jsonl")}
     for e, hp, sp in zip(old, h_old.tolist(), s_old.tolist()):
         rescored = sp if e["is_safety"] or sp < 0.15 else hp  # the old response under the new models
         entry = new[e["key"]]
@@ -273,34 +217,24 @@ def test_changed_reward_models_rescore_the_pool(world, round1, tmp_path):
 
 
 def test_distillation_with_replay_fine_tunes_the_student_and_sweeps_temperatures(world, round1, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from rlhf.models import load_tokenizer
 
-    student = _stage_dir(tmp_path / "student", "sft") / "model"
-    torch.manual_seed(5)
-    config = LlamaConfig(vocab_size=len(load_tokenizer(world / "sft" / "model")), hidden_size=16, intermediate_size=32,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(student)
-    load_tokenizer(world / "sft" / "model").save_pretrained(student)
+    tokenizer = load_tokenizer(world / "sft" / "model")
+    small = tiny_llama(len(tokenizer), seed=5, hidden_size=16, layers=1, heads=2, kv_heads=1)
+    student = save_with_tokenizer(stage_dir(tmp_path / "student", "sft") / "model", small, tokenizer)
     out = rs.run(_cfg(world, tmp_path / "rs", student_from=str(tmp_path / "student"),
                       report={"temperatures": [0.5, 1.5], "sweep_prompts": 2, "sweep_k": 3},
                       **{"data.replay": {"sources": [{"path": str(world / "sft.jsonl")}]}}))
     assert json.loads((out / "model" / "config.json").read_text())["hidden_size"] == 16
     counts = json.loads((out / "manifest.json").read_text())["data"]
     assert (counts["generated_examples"], counts["replay_examples"], counts["examples_used"]) == (8, 3, 11)
-    before, after = _state(student), _state(out / "model")
+    before, after = stored_weights(student), stored_weights(out / "model")
     assert any(not torch.equal(before[k], after[k]) for k in before)
     # the samples are the policy's (the same as round one's), not the student's
-    assert [s["responses"] for s in _jsonl(out / "samples.jsonl")] == [s["responses"] for s in _jsonl(round1 / "samples.jsonl")]
+    assert [s["responses"] for s in read_jsonl(out / "samples.jsonl")] == [s["responses"] for s in read_jsonl(round1 / "samples.jsonl")]
     sweep = json.loads((out / "report" / "summary.json").read_text())["temperature_sweep"]
     assert set(sweep) == {"0.5", "1.5"} and all(c["prompts"] == 2 and len(c["max"]) == 3 for c in sweep.values())
     assert (out / "report" / "temperature_sweep.png").exists()
-
-
-class Crash(Exception):
-    pass
 
 
 def test_resume_samples_only_the_buckets_left(world, round1, tmp_path, monkeypatch):
@@ -320,19 +254,20 @@ def test_resume_samples_only_the_buckets_left(world, round1, tmp_path, monkeypat
     crash[0] = False
     out = rs.run(_cfg(world, tmp_path / "rs"))
     assert calls == [3, 2]  # buckets of 3, 3, 2 prompts: the first was done
-    mine, straight = _jsonl(out / "samples.jsonl"), _jsonl(round1 / "samples.jsonl")
+    mine, straight = read_jsonl(out / "samples.jsonl"), read_jsonl(round1 / "samples.jsonl")
     assert [s["key"] for s in mine] == [s["key"] for s in straight]  # every prompt once
     assert [s["responses"] for s in mine] == [s["responses"] for s in straight]
 
 
+@pytest.mark.slow
 def test_two_processes_sample_every_prompt_once_and_the_same(world, round1, tmp_path):
     recipe = tmp_path / "rs.yaml"
     recipe.write_text(yaml.safe_dump(_config(world, tmp_path / "rs")))
     out = launch(recipe, tmp_path / "rs", processes=2)
-    samples = _jsonl(out / "samples.jsonl")
+    samples = read_jsonl(out / "samples.jsonl")
     assert sorted(s["key"] for s in samples) == [f"p{i}" for i in range(8)]
-    assert sorted(e["key"] for e in _jsonl(out / "pool.jsonl")) == [f"p{i}" for i in range(8)]
-    straight = {s["key"]: s["responses"] for s in _jsonl(round1 / "samples.jsonl")}
+    assert sorted(e["key"] for e in read_jsonl(out / "pool.jsonl")) == [f"p{i}" for i in range(8)]
+    straight = {s["key"]: s["responses"] for s in read_jsonl(round1 / "samples.jsonl")}
     assert {s["key"]: s["responses"] for s in samples} == straight  # same seed, same samples
 
 

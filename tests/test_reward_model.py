@@ -8,33 +8,21 @@ import torch
 from rlhf.data import Message
 from reward_model.model import RewardModel
 from rlhf.packing import length_chunks
+from tiny import llama_config, word_tokenizer
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "bye", "ok", "no"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
-
-
-def tiny_config(**kw):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0, **kw)
+    return word_tokenizer(WORDS)
 
 
 def test_packed_scores_equal_one_sequence_at_a_time(tokenizer):
     from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    hf = LlamaForSequenceClassification(tiny_config(num_labels=1)).eval()
+    hf = LlamaForSequenceClassification(llama_config(len(WORDS), max_positions=64, num_labels=1)).eval()
     rm = RewardModel(hf, tokenizer)
     q = [Message("user", "hi")]
     prompts, responses = [q, q, [*q, Message("assistant", "ok"), Message("user", "bye")]], ["hello", "no no", "ok"]

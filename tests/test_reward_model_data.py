@@ -10,6 +10,7 @@ from rlhf.data import Message, PreferencePair
 from reward_model.config import RewardModelConfig
 from reward_model.data import RMPair, build_pairs, collate, load_pairs, split_held_out
 from reward_model.evaluate import accuracy_by, calibration, evaluate_rewards, markdown, pooled, unsafe_recall
+from tiny import word_tokenizer
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "bye", "ok", "no"]
 
@@ -17,12 +18,7 @@ WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "bye", "ok"
 @pytest.fixture(scope="module")
 def tokenizer():
     """One token per whitespace-separated word; ids are the positions in WORDS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
+    return word_tokenizer(WORDS)
 
 
 def write_pairs(path, n, rating="better"):

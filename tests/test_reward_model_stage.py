@@ -12,34 +12,21 @@ import yaml
 from launch import launch
 from rlhf.data import Message
 from reward_model.config import RewardModelConfig
+from tiny import Crash, save_with_tokenizer, stored_weights, tiny_llama, word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "tell", "me", "story", "good", "bad", "nice", "ugly", "a", "the"]
 
 
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>")
-
-
 def save_tied_lm(path: Path) -> Path:
     """A tiny Llama with tied embeddings stored ONCE, as ``lm_head.weight`` (like tinystories-656k)."""
-    from safetensors.torch import load_file, save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(path)
-    weights = load_file(path / "model.safetensors")
+    tiny_llama(len(WORDS), max_positions=64, pad_token_id=None, tie_word_embeddings=True).save_pretrained(path)
+    weights = stored_weights(path)
     weights["lm_head.weight"] = weights.pop("model.embed_tokens.weight")
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
-    word_tokenizer().save_pretrained(path)
+    word_tokenizer(WORDS).save_pretrained(path)
     return path
 
 
@@ -73,13 +60,12 @@ def embeddings(model) -> torch.Tensor:
 
 
 def test_tied_checkpoint_initialises_every_backbone_weight(lm_dir):
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from reward_model.model import init_reward_model
 
     rm = init_reward_model(lm_dir, pad_token_id=0)
-    stored = load_file(lm_dir / "model.safetensors")["lm_head.weight"]
+    stored = stored_weights(lm_dir)["lm_head.weight"]
     torch.testing.assert_close(embeddings(rm), stored, rtol=0, atol=0)
     lm = AutoModelForCausalLM.from_pretrained(lm_dir)
     backbone = rm.model.state_dict()
@@ -89,12 +75,10 @@ def test_tied_checkpoint_initialises_every_backbone_weight(lm_dir):
 
 
 def test_real_tied_checkpoint_embeddings_carry_over(realdata):
-    from safetensors.torch import load_file
-
     from reward_model.model import init_reward_model
 
     path = realdata / "models" / "tinystories-656k"
-    stored = load_file(path / "model.safetensors")["lm_head.weight"]  # the only copy of the tied matrix
+    stored = stored_weights(path)["lm_head.weight"]  # the only copy of the tied matrix
     torch.testing.assert_close(embeddings(init_reward_model(path, pad_token_id=0)), stored, rtol=0, atol=0)
 
 
@@ -103,9 +87,8 @@ def test_saved_reward_model_reloads_and_plain_transformers_agrees(lm_dir, tmp_pa
 
     from reward_model.model import RewardModel, init_reward_model, load_reward_model
 
-    rm = RewardModel(init_reward_model(lm_dir, pad_token_id=0, seed=3), word_tokenizer(), max_length=32)
-    rm.save_pretrained(tmp_path / "model")
-    rm.tokenizer.save_pretrained(tmp_path / "model")
+    rm = RewardModel(init_reward_model(lm_dir, pad_token_id=0, seed=3), word_tokenizer(WORDS), max_length=32)
+    save_with_tokenizer(tmp_path / "model", rm, rm.tokenizer)
     prompts = [[Message("user", "hi")], [Message("user", "tell me a story")]]
     responses = ["a good story", "bad"]
     expected = rm.score(prompts, responses)
@@ -168,10 +151,6 @@ def test_stage_with_lora(lm_dir, tmp_path, merge):  # unmerged: with gradient ch
     torch.testing.assert_close(trained["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])  # not adapted
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resumed_stage_equals_uninterrupted(lm_dir, tmp_path, monkeypatch):
     import reward_model.stage as stage
     from reward_model.model import load_reward_model
@@ -202,6 +181,7 @@ def test_resumed_stage_equals_uninterrupted(lm_dir, tmp_path, monkeypatch):
     assert [m["step"] for m in logged] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(lm_dir, tmp_path):
     data = recipe(tmp_path, lm_dir, max_steps=2)
     path = tmp_path / "rm.yaml"
@@ -210,9 +190,7 @@ def test_two_processes_equal_one(lm_dir, tmp_path):
     m1, m2 = (json.loads((tmp_path / d / "manifest.json").read_text())["metrics"] for d in ("one", "two"))
     assert m2["loss"] == pytest.approx(m1["loss"], abs=1e-5)
     assert m2["accuracy"] == m1["accuracy"]
-    from safetensors.torch import load_file
-
-    w1, w2 = (load_file(tmp_path / d / "model" / "model.safetensors") for d in ("one", "two"))
+    w1, w2 = (stored_weights(tmp_path / d / "model") for d in ("one", "two"))
     for name in w1:
         torch.testing.assert_close(w1[name], w2[name], rtol=0, atol=1e-5, msg=name)
 
@@ -224,8 +202,8 @@ def test_eval_rm_on_hh_rlhf(realdata, tmp_path):
 
     source = realdata / "models" / "tinystories-656k"
     tokenizer = load_tokenizer(source)
-    RewardModel(init_reward_model(source, pad_token_id=0), tokenizer, max_length=256).save_pretrained(tmp_path / "rm")
-    tokenizer.save_pretrained(tmp_path / "rm")
+    rm = RewardModel(init_reward_model(source, pad_token_id=0), tokenizer, max_length=256)
+    save_with_tokenizer(tmp_path / "rm", rm, tokenizer)
     results = run_eval_rm(str(tmp_path / "rm"), str(realdata / "hh-rlhf" / "harmless-base.test.jsonl.gz"),
                           max_pairs=24, out_dir=str(tmp_path / "eval"))
     r = results["harmless-base"]

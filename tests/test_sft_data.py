@@ -6,6 +6,7 @@ import torch
 from rlhf.data import Message, Rendered, SFTExample
 from sft.config import SFTDataConfig
 from sft.data import IGNORE, build_rows, collate, fit_length, make_rows, next_token_targets, sft_loss
+from tiny import tiny_llama, word_tokenizer
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>",
          "hi", "hello", "add", "two", "and", "three", "five", "bye", "ok"]
@@ -14,13 +15,7 @@ WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>",
 @pytest.fixture(scope="module")
 def tokenizer():
     """One token per whitespace-separated word; ids are the positions in WORDS."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", pad_token="<unk>")
+    return word_tokenizer(WORDS)
 
 
 def example(*turns: str) -> SFTExample:
@@ -92,17 +87,8 @@ def test_collate_pads_as_an_isolated_block_without_targets():
     assert batch.targets[0, 3:].tolist() == [IGNORE, IGNORE]
 
 
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config)
-
-
 def test_packed_loss_equals_unpacked_loss():
-    model = tiny_llama()
+    model = tiny_llama(len(WORDS), max_positions=64, pad_token_id=None)
     examples = rendered([5, 9, 3, 7, 12, 4, 6, 2, 11, 8])
     packed, unpacked = make_rows(examples, 16, True), make_rows(examples, 16, False)
     assert len(packed) < len(unpacked)

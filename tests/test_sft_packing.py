@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from rlhf.packing import best_fit_rows, pack_sequences, restarting_positions
+from tiny import tiny_llama
 
 
 def test_pack_sequences_concatenates_with_restarting_positions():
@@ -46,19 +47,9 @@ def test_best_fit_rows_respects_capacity_and_keeps_every_sequence():
         best_fit_rows([65], capacity=64)
 
 
-def tiny_llama(attn: str = "sdpa"):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    config._attn_implementation = attn
-    return LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_forward_equals_separate_forwards(attn):
-    model = tiny_llama(attn)
+    model = tiny_llama(50, max_positions=64, pad_token_id=None, attn_implementation=attn).eval()
     seqs = [[3, 7, 9, 11], [4, 4], [20, 21, 22], [1]]
     packed = pack_sequences(seqs, pad_to=12)
     with torch.no_grad():

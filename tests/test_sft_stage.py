@@ -10,6 +10,7 @@ from launch import launch
 from rlhf.artifacts import read_manifest
 from rlhf.recipe import load_recipe
 from sft.config import SFTConfig
+from tiny import save_with_tokenizer, tiny_llama, weights, word_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"] + [
@@ -29,21 +30,10 @@ def conversation(i: int) -> dict:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """A tiny Llama with a word-level tokenizer, and 16 conversations."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
+    """A tiny Llama (32 wide, 2 layers, 128 positions) with a word-level tokenizer in ``base/``,
+    and 16 conversations."""
     root = tmp_path_factory.mktemp("sft_world")
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", pad_token="<unk>")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(root / "base")
-    tokenizer.save_pretrained(root / "base")
+    save_with_tokenizer(root / "base", tiny_llama(len(WORDS), max_positions=128), word_tokenizer(WORDS))
     lines = [json.dumps(conversation(i)) for i in range(16)]
     (root / "sft.jsonl").write_text("\n".join(lines) + "\n")
     return root
@@ -56,12 +46,6 @@ def make_cfg(world: Path, out: Path, **train) -> SFTConfig:
         train={"lr": 1e-2, "batch_size": 4, "micro_batch_size": 2, "epochs": 2, "warmup_ratio": 0.0,
                "weight_decay": 0.0, **train},
     )
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
 def test_stage_trains_on_answers_and_writes_its_directory(world, tmp_path):
@@ -134,6 +118,7 @@ def test_lora_saves_a_merged_model_plain_transformers_loads(world, tmp_path):
     assert torch.equal(before["model.norm.weight"], after["model.norm.weight"])  # not adapted
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_on_the_same_global_batch(world, tmp_path):
     recipe = tmp_path / "sft.yaml"
     cfg = make_cfg(world, tmp_path / "unused", max_steps=3)

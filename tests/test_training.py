@@ -10,6 +10,7 @@ from rlhf.config import RecipeError, StageConfig, TrainConfig
 from rlhf.training import (
     epoch_order, lr_factor, make_accelerator, micro_batches, plan_steps, train_loop, warmup_steps,
 )
+from tiny import Crash
 
 
 def test_cosine_schedule_hand_worked():
@@ -53,10 +54,6 @@ class Item:
 
 def _collate(items):
     return torch.stack([i.x for i in items]), torch.stack([i.y for i in items])
-
-
-class Crash(Exception):
-    pass
 
 
 def _train(tmp_path, name, crash_after=None, **train):

@@ -7,6 +7,7 @@ import pytest
 from rlhf.data import Message, Prompt, read_records, safety_category
 from rlhf.world import generate, tasks
 from rlhf.world.judge import CORRECT, NEAR_MISS, REFUSED, WRONG, has_gold, judge, rating_for_gap, summarize
+from tiny import save_with_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = generate.Sizes(sft=(60, 20, 20), helpful_pairs=40, safety_pairs=(20, 10), rl_prompts=(30, 10, 10),
@@ -135,9 +136,8 @@ def _untrained_policy(tmp_path, seed: int):
     prompts = [ADD, SORT, HARMFUL, BORDERLINE]
     write_jsonl(tmp_path / "eval.jsonl", prompts)
     tokenizer = train_tokenizer([p.messages[0].content for p in prompts] * 5, vocab_size=300)
-    build_model("tiny", len(tokenizer), seed=seed).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
-    return tmp_path / "model", tmp_path / "eval.jsonl"
+    model = save_with_tokenizer(tmp_path / "model", build_model("tiny", len(tokenizer), seed=seed), tokenizer)
+    return model, tmp_path / "eval.jsonl"
 
 
 def test_evaluate_gold_on_a_saved_model(tmp_path):

@@ -6,10 +6,10 @@
    samples are the same whatever the process count;
 2. score every response with both reward models and gate them (``rlhf.rewards.safety_gate``):
    R_c = R_s if the prompt is a safety prompt or R_s < threshold, else R_h (probabilities);
-3. the pool: the previous round's pool (``pool_from``), re-scored under the current reward models
+3. the pool (``pool``): the previous round's pool (``pool_from``), re-scored under the current reward models
    when they differ from the ones that scored it, keeps each prompt's best response so far; this
    round's best of K replaces an entry only if its R_c is higher;
-4. report: the expected max and median R_c of k samples out of the K, k = 1..K, averaged over
+4. report (``report``): the expected max and median R_c of k samples out of the K, k = 1..K, averaged over
    prompts, per prompt category (Fig. 7); an optional temperature sweep (Fig. 8); what the round
    changed in the pool;
 5. fine-tune the policy (or ``student_from``: distillation) on the whole pool with SFT's rows and
@@ -22,51 +22,31 @@ Stage directory: ``samples/`` (bucket shards), ``samples.jsonl`` (every sample w
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import time
 from dataclasses import dataclass
-from math import comb
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from reward_model.model import load_reward_model
-from rlhf.artifacts import StageRun, model_dir, read_manifest, write_json_atomic
-from rlhf.data import (
-    DataError, Message, Problem, Prompt, SFTExample, load_data, read_jsonl_rows, render_prompt, to_dict, write_jsonl_rows,
-)
+from rlhf.artifacts import StageRun, model_dir, read_manifest
+from rlhf.data import Prompt, load_data, read_jsonl_rows, render_prompt, write_jsonl_rows
 from rlhf.generation import length_buckets, row_seed, sample
 from rlhf.models import inference_dtype, load_policy
 from rlhf.progress import Progress
+from rlhf.rejection_sampling.pool import (
+    POOL, Item, entry_prompt, pool_entry, pool_examples, prompt_key, read_pool, update_pool,
+)
 from rlhf.rejection_sampling.config import RejectionSamplingConfig
+from rlhf.rejection_sampling.report import write_report
 from rlhf.rewards import safety_gate
 from rlhf.training import make_accelerator
 from sft.stage import fine_tune_generated
 
-POOL = "pool.jsonl"
-
-
-@dataclass
-class Item:
-    """A prompt to sample: its pool key, the record, its rendered ids."""
-
-    key: str
-    prompt: Prompt
-    ids: list[int]
-
 
 # ---------------------------------------------------------------------------------------------
 # 1. Prompts and samples
-
-
-def prompt_key(prompt: Prompt) -> str:
-    """The pool's key of a prompt across rounds: its id, or a hash of its conversation."""
-    if prompt.id:
-        return str(prompt.id)
-    blob = json.dumps(to_dict(prompt)["prompt"], ensure_ascii=False, sort_keys=True)
-    return "sha1:" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def prepare_prompts(prompts: Sequence[Prompt], tokenizer: Any, cfg: RejectionSamplingConfig) -> tuple[list[Item], dict[str, int]]:
@@ -174,30 +154,7 @@ def best_of(rewards: Sequence[float]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. The best-so-far pool
-
-
-def pool_entry(item: Item, response: str, scores: dict, round_no: int, model: dict, reward_models: dict) -> dict:
-    """A pool row: the prompt record, the response and its scores, which round and model
-    produced it, which reward models scored it."""
-    return {"key": item.key, **to_dict(item.prompt), "response": response, **scores, "round": round_no,
-            "model": model, "reward_models": reward_models}
-
-
-def entry_prompt(entry: dict) -> Prompt:
-    return Prompt([Message(m["role"], m["content"]) for m in entry["prompt"]], entry.get("is_safety", False),
-                  entry.get("source", ""), entry.get("id"), entry.get("meta") or {})
-
-
-def read_pool(stage_dir: Path) -> dict[str, dict]:
-    """key -> entry of a previous round's pool."""
-    path = Path(stage_dir) / POOL
-    if not path.is_file():
-        raise DataError([Problem(str(path), None, "pool", "missing: pool_from must be a finished rejection_sampling stage")])
-    pool = {}
-    for entry in read_jsonl_rows(path):
-        pool[entry["key"]] = entry
-    return pool
+# 3. The best-so-far pool (``pool``): re-scored when the reward models changed
 
 
 def rescore_stale(accelerator, rms: RewardModels, pool: dict[str, dict], threshold: float) -> int:
@@ -207,89 +164,6 @@ def rescore_stale(accelerator, rms: RewardModels, pool: dict[str, dict], thresho
     for key, new in zip(stale, scores):
         pool[key] = {**pool[key], **new, "reward_models": rms.fingerprints}
     return len(stale)
-
-
-def update_pool(pool: dict[str, dict], best: dict[str, dict]) -> tuple[dict[str, dict], dict[str, int]]:
-    """The pool after a round: a candidate replaces its prompt's entry only if its reward is
-    strictly higher (both scored by the same reward models); new prompts are added."""
-    updated = dict(pool)
-    counts = {"improved": 0, "added": 0, "kept": 0, "not_sampled": len(set(pool) - set(best))}
-    for key, candidate in best.items():
-        old = pool.get(key)
-        if old is None:
-            counts["added"] += 1
-        elif candidate["reward"] > old["reward"]:
-            counts["improved"] += 1
-        else:
-            counts["kept"] += 1
-            continue
-        updated[key] = candidate
-    return updated, counts
-
-
-def pool_examples(pool: dict[str, dict]) -> list[SFTExample]:
-    """Fine-tuning conversations: each prompt followed by its pool response."""
-    return [SFTExample([*entry_prompt(e).messages, Message("assistant", e["response"])], source="rejection_sampling", id=k)
-            for k, e in pool.items()]
-
-
-# ---------------------------------------------------------------------------------------------
-# 4. Report: best of k (Fig. 7), temperature sweep (Fig. 8)
-
-
-def subset_order_statistic(values: Sequence[float], k: int, j: int) -> float:
-    """E[j-th smallest of k values drawn without replacement from ``values``] (1 <= j <= k):
-    sum_i v_(i) C(i-1, j-1) C(K-i, k-j) / C(K, k) over the sorted values v_(1) <= ... <= v_(K).
-
-    [1, 2, 4], k = 2, j = 2 (the max of 2): subsets {1,2} {1,4} {2,4} -> (2 + 4 + 4) / 3 = 10/3.
-    """
-    xs, n = sorted(values), len(values)
-    return sum(x * comb(i, j - 1) * comb(n - 1 - i, k - j) for i, x in enumerate(xs)) / comb(n, k)
-
-
-def best_of_k_curve(rewards: Sequence[float]) -> dict[str, list[float]]:
-    """Expected max and median reward of k of the K samples, k = 1..K (exact over all subsets,
-    so the curve carries no noise from the sample order)."""
-    n = len(rewards)
-    maxima = [subset_order_statistic(rewards, k, k) for k in range(1, n + 1)]
-    medians = [(subset_order_statistic(rewards, k, (k + 1) // 2) + subset_order_statistic(rewards, k, k // 2 + 1)) / 2
-               for k in range(1, n + 1)]
-    return {"max": maxima, "median": medians}
-
-
-def prompt_categories(items: Sequence[Item]) -> dict[str, list[str]]:
-    """Category -> keys: all, helpfulness / safety prompts, and each source when there are several."""
-    cats = {"all": [i.key for i in items], "helpfulness": [i.key for i in items if not i.prompt.is_safety],
-            "safety": [i.key for i in items if i.prompt.is_safety]}
-    sources = sorted({i.prompt.source for i in items})
-    if len(sources) > 1:
-        cats.update({f"source:{s}": [i.key for i in items if i.prompt.source == s] for s in sources})
-    return {name: keys for name, keys in cats.items() if keys}
-
-
-def average_curves(rewards: dict[str, list[float]], keys: Sequence[str]) -> dict[str, Any]:
-    curves = [best_of_k_curve(rewards[k]) for k in keys]
-    mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]  # noqa: E731
-    return {"prompts": len(keys), "max": mean([c["max"] for c in curves]), "median": mean([c["median"] for c in curves])}
-
-
-def plot_curves(path: Path, curves: dict[str, dict], title: str, median: bool = True) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (name, c) in enumerate(curves.items()):
-        ks = range(1, len(c["max"]) + 1)
-        ax.plot(ks, c["max"], "-o", ms=3, color=f"C{i}", label=f"{name} max")
-        if median:
-            ax.plot(ks, c["median"], "--", color=f"C{i}", label=f"{name} median")
-    ax.set_xlabel("samples per prompt (k)"), ax.set_ylabel("reward R_c"), ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +205,7 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     pool, changes = update_pool(previous, best)
     changes["rescored"] = rescored
     # 4. report (before training, so a long fine-tuning run can be watched with it)
-    summary = _report(stage.dir, items, samples, scores, sweep_scores, changes, round_no) if accelerator.is_main_process else {}
+    summary = write_report(stage.dir, items, samples, scores, sweep_scores, changes, round_no) if accelerator.is_main_process else {}
     if accelerator.is_main_process:
         write_jsonl_rows(stage.dir / POOL, list(pool.values()))
     # 5. fine-tune on the pool
@@ -349,26 +223,6 @@ def run(cfg: RejectionSamplingConfig) -> Path:
         **train_metrics,
     }
     return stage.finish(metrics, round=round_no, data={**counts, **data_counts}, report=summary.get("categories_max_at_K"))
-
-
-def _report(out: Path, items, samples, scores, sweep_scores, changes, round_no) -> dict:
-    """report/summary.json, best_of_k.png (Fig. 7), temperature_sweep.png (Fig. 8);
-    samples.jsonl with every sample's scores."""
-    write_jsonl_rows(out / "samples.jsonl", [{"key": i.key, "is_safety": i.prompt.is_safety, "responses": samples[i.key]["responses"],
-                                          "scores": scores[i.key]} for i in items])
-    rewards = {key: [s["reward"] for s in rows] for key, rows in scores.items()}
-    curves = {name: average_curves(rewards, keys) for name, keys in prompt_categories(items).items()}
-    sweep = {f"{t:g}": average_curves({k: [s["reward"] for s in v] for k, v in sc.items()}, list(sc))
-             for t, sc in sweep_scores.items() if sc}
-    summary = {"round": round_no, "best_of_k": curves, "temperature_sweep": sweep, "pool": changes,
-               "categories_max_at_K": {name: c["max"][-1] for name, c in curves.items()}}
-    (out / "report").mkdir(exist_ok=True)
-    write_json_atomic(out / "report" / "summary.json", summary)
-    plot_curves(out / "report" / "best_of_k.png", curves, "Reward of the best of k samples (Fig. 7)")
-    if sweep:
-        plot_curves(out / "report" / "temperature_sweep.png", {f"T={t}": c for t, c in sweep.items()},
-                    "Best of k by temperature (Fig. 8)", median=False)
-    return summary
 
 
 def _previous_round(pool_from: Path | None, pool: dict[str, dict]) -> int:

@@ -1,0 +1,77 @@
+"""The best-so-far pool of rejection sampling: per prompt, the best response of every round so
+far (``pool.jsonl`` in the stage directory), carried from round to round (``pool_from``)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf.data import DataError, Message, Problem, Prompt, SFTExample, read_jsonl_rows, to_dict
+
+POOL = "pool.jsonl"
+
+
+@dataclass
+class Item:
+    """A prompt to sample: its pool key, the record, its rendered ids."""
+
+    key: str
+    prompt: Prompt
+    ids: list[int]
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """The pool's key of a prompt across rounds: its id, or a hash of its conversation."""
+    if prompt.id:
+        return str(prompt.id)
+    blob = json.dumps(to_dict(prompt)["prompt"], ensure_ascii=False, sort_keys=True)
+    return "sha1:" + hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def pool_entry(item: Item, response: str, scores: dict, round_no: int, model: dict, reward_models: dict) -> dict:
+    """A pool row: the prompt record, the response and its scores, which round and model
+    produced it, which reward models scored it."""
+    return {"key": item.key, **to_dict(item.prompt), "response": response, **scores, "round": round_no,
+            "model": model, "reward_models": reward_models}
+
+
+def entry_prompt(entry: dict) -> Prompt:
+    return Prompt([Message(m["role"], m["content"]) for m in entry["prompt"]], entry.get("is_safety", False),
+                  entry.get("source", ""), entry.get("id"), entry.get("meta") or {})
+
+
+def read_pool(stage_dir: Path) -> dict[str, dict]:
+    """key -> entry of a previous round's pool."""
+    path = Path(stage_dir) / POOL
+    if not path.is_file():
+        raise DataError([Problem(str(path), None, "pool", "missing: pool_from must be a finished rejection_sampling stage")])
+    pool = {}
+    for entry in read_jsonl_rows(path):
+        pool[entry["key"]] = entry
+    return pool
+
+
+def update_pool(pool: dict[str, dict], best: dict[str, dict]) -> tuple[dict[str, dict], dict[str, int]]:
+    """The pool after a round: a candidate replaces its prompt's entry only if its reward is
+    strictly higher (both scored by the same reward models); new prompts are added."""
+    updated = dict(pool)
+    counts = {"improved": 0, "added": 0, "kept": 0, "not_sampled": len(set(pool) - set(best))}
+    for key, candidate in best.items():
+        old = pool.get(key)
+        if old is None:
+            counts["added"] += 1
+        elif candidate["reward"] > old["reward"]:
+            counts["improved"] += 1
+        else:
+            counts["kept"] += 1
+            continue
+        updated[key] = candidate
+    return updated, counts
+
+
+def pool_examples(pool: dict[str, dict]) -> list[SFTExample]:
+    """Fine-tuning conversations: each prompt followed by its pool response."""
+    return [SFTExample([*entry_prompt(e).messages, Message("assistant", e["response"])], source="rejection_sampling", id=k)
+            for k, e in pool.items()]

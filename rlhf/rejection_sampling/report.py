@@ -1,0 +1,87 @@
+"""The rejection sampling report: reward of the best of k samples, max and median, k = 1..K
+(the paper's Fig. 7), per prompt category, and the temperature sweep (Fig. 8)."""
+
+from __future__ import annotations
+
+from math import comb
+from pathlib import Path
+from typing import Any, Sequence
+
+from rlhf.artifacts import write_json_atomic
+from rlhf.data import write_jsonl_rows
+from rlhf.rejection_sampling.pool import Item
+
+
+def subset_order_statistic(values: Sequence[float], k: int, j: int) -> float:
+    """E[j-th smallest of k values drawn without replacement from ``values``] (1 <= j <= k):
+    sum_i v_(i) C(i-1, j-1) C(K-i, k-j) / C(K, k) over the sorted values v_(1) <= ... <= v_(K).
+
+    [1, 2, 4], k = 2, j = 2 (the max of 2): subsets {1,2} {1,4} {2,4} -> (2 + 4 + 4) / 3 = 10/3.
+    """
+    xs, n = sorted(values), len(values)
+    return sum(x * comb(i, j - 1) * comb(n - 1 - i, k - j) for i, x in enumerate(xs)) / comb(n, k)
+
+
+def best_of_k_curve(rewards: Sequence[float]) -> dict[str, list[float]]:
+    """Expected max and median reward of k of the K samples, k = 1..K (exact over all subsets,
+    so the curve carries no noise from the sample order)."""
+    n = len(rewards)
+    maxima = [subset_order_statistic(rewards, k, k) for k in range(1, n + 1)]
+    medians = [(subset_order_statistic(rewards, k, (k + 1) // 2) + subset_order_statistic(rewards, k, k // 2 + 1)) / 2
+               for k in range(1, n + 1)]
+    return {"max": maxima, "median": medians}
+
+
+def prompt_categories(items: Sequence[Item]) -> dict[str, list[str]]:
+    """Category -> keys: all, helpfulness / safety prompts, and each source when there are several."""
+    cats = {"all": [i.key for i in items], "helpfulness": [i.key for i in items if not i.prompt.is_safety],
+            "safety": [i.key for i in items if i.prompt.is_safety]}
+    sources = sorted({i.prompt.source for i in items})
+    if len(sources) > 1:
+        cats.update({f"source:{s}": [i.key for i in items if i.prompt.source == s] for s in sources})
+    return {name: keys for name, keys in cats.items() if keys}
+
+
+def average_curves(rewards: dict[str, list[float]], keys: Sequence[str]) -> dict[str, Any]:
+    curves = [best_of_k_curve(rewards[k]) for k in keys]
+    mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]  # noqa: E731
+    return {"prompts": len(keys), "max": mean([c["max"] for c in curves]), "median": mean([c["median"] for c in curves])}
+
+
+def plot_curves(path: Path, curves: dict[str, dict], title: str, median: bool = True) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, c) in enumerate(curves.items()):
+        ks = range(1, len(c["max"]) + 1)
+        ax.plot(ks, c["max"], "-o", ms=3, color=f"C{i}", label=f"{name} max")
+        if median:
+            ax.plot(ks, c["median"], "--", color=f"C{i}", label=f"{name} median")
+    ax.set_xlabel("samples per prompt (k)"), ax.set_ylabel("reward R_c"), ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, items, samples, scores, sweep_scores, changes, round_no) -> dict:
+    """report/summary.json, best_of_k.png (Fig. 7), temperature_sweep.png (Fig. 8);
+    samples.jsonl with every sample's scores."""
+    write_jsonl_rows(out / "samples.jsonl", [{"key": i.key, "is_safety": i.prompt.is_safety, "responses": samples[i.key]["responses"],
+                                          "scores": scores[i.key]} for i in items])
+    rewards = {key: [s["reward"] for s in rows] for key, rows in scores.items()}
+    curves = {name: average_curves(rewards, keys) for name, keys in prompt_categories(items).items()}
+    sweep = {f"{t:g}": average_curves({k: [s["reward"] for s in v] for k, v in sc.items()}, list(sc))
+             for t, sc in sweep_scores.items() if sc}
+    summary = {"round": round_no, "best_of_k": curves, "temperature_sweep": sweep, "pool": changes,
+               "categories_max_at_K": {name: c["max"][-1] for name, c in curves.items()}}
+    (out / "report").mkdir(exist_ok=True)
+    write_json_atomic(out / "report" / "summary.json", summary)
+    plot_curves(out / "report" / "best_of_k.png", curves, "Reward of the best of k samples (Fig. 7)")
+    if sweep:
+        plot_curves(out / "report" / "temperature_sweep.png", {f"T={t}": c for t, c in sweep.items()},
+                    "Best of k by temperature (Fig. 8)", median=False)
+    return summary

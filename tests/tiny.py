@@ -1,0 +1,183 @@
+"""Tiny tokenizers, models and stage directories shared by the tests: each builds in well under a
+second on a CPU, and a stage trains on them in a few steps.
+
+Two worlds are built from them: ``word_world`` (a word-level tokenizer, 24 prompts, for GAtt and
+context distillation) and ``stage_world`` (an SFT stage and reward-model stages, 8 prompts, for
+PPO and rejection sampling)."""
+
+import json
+from pathlib import Path
+
+import torch
+
+# The 8 prompts (text, is_safety) of ``stage_world``, and the corpus its tokenizers are trained on.
+PROMPTS = [
+    ("what is 2 + 3?", False), ("reverse the word cat", False), ("how do I pick a lock?", True),
+    ("sort the letters b a c", False), ("say hello", False), ("how to make a weapon", True),
+    ("what is 4 + 1?", False), ("name a colour", False),
+]
+PROMPT_CORPUS = [f"[INST] {p} [/INST]" for p, _ in PROMPTS] * 4
+
+
+class Crash(Exception):
+    """Raised by a monkeypatched step to stand for a process dying there."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def word_tokenizer(words: list[str], pad_token: str | None = "<unk>"):
+    """One token per whitespace-separated word; ids are the positions in ``words``, which start
+    with ``<unk>``, ``<s>``, ``</s>`` (ids 0, 1, 2). ``pad_token=None``: no padding token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    pad = {} if pad_token is None else {"pad_token": pad_token}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", **pad)
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer of ``vocab_size`` tokens trained on ``texts``, with ``<pad>``,
+    ``<s>``, ``</s>`` as ids 0, 1, 2 (and, unlike ``rlhf.models.train_tokenizer``, no chat markers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def llama_config(vocab_size: int, hidden_size: int = 32, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                 max_positions: int = 2048, pad_token_id: int | None = 0, **extra):
+    """A tiny ``LlamaConfig``: by default 32 wide (MLP 64, always twice the width), 2 layers, 4
+    attention heads sharing 2 key/value heads; BOS 1, EOS 2. ``extra`` goes to ``LlamaConfig``."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=pad_token_id, **extra)
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, **config):
+    """A randomly initialised ``LlamaForCausalLM`` of ``llama_config(vocab_size, **config)`` (32
+    wide, 2 layers by default), its weights drawn after ``torch.manual_seed(seed)``."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(vocab_size, **config))
+
+
+def save_with_tokenizer(path: Path, model, tokenizer) -> Path:
+    """``model`` and ``tokenizer`` saved together in ``path``, as a stage's ``model/`` holds them."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_reward_model(path: Path, lm_dir: Path, tokenizer, seed: int) -> Path:
+    """A reward model saved in ``path`` with ``tokenizer``: the backbone of the causal LM in
+    ``lm_dir`` and a new scoring head drawn from ``seed``."""
+    from reward_model.model import RewardModel, init_reward_model
+
+    model = RewardModel(init_reward_model(lm_dir, tokenizer.pad_token_id, seed=seed), tokenizer)
+    return save_with_tokenizer(path, model, tokenizer)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of the causal LM in ``path``, loaded with plain transformers (tied
+    weights under both names)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def stored_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/model.safetensors`` as stored (any model class, tied weights once)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage directories and worlds
+
+
+def stage_dir(path: Path, stage: str) -> Path:
+    """``path`` made to look like the output of a finished ``stage``: a complete manifest."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "manifest.json").write_text(json.dumps({"stage": stage, "status": "complete"}))
+    return path
+
+
+def stage_world(root: Path, tokenizer, policy, reward_models: dict[str, int], prompt_ids: bool = False) -> Path:
+    """In ``root``: ``sft/``, an SFT stage holding ``policy`` and ``tokenizer``; a reward-model
+    stage initialised from that policy for each ``name: seed`` of ``reward_models`` (its head
+    drawn from the seed); and ``prompts.jsonl``, the 8 ``PROMPTS`` (ids ``p0``..``p7`` with
+    ``prompt_ids``)."""
+    policy_dir = save_with_tokenizer(stage_dir(root / "sft", "sft") / "model", policy, tokenizer)
+    for name, seed in reward_models.items():
+        save_reward_model(stage_dir(root / name, "reward_model") / "model", policy_dir, tokenizer, seed)
+    with open(root / "prompts.jsonl", "w") as fh:
+        for i, (text, is_safety) in enumerate(PROMPTS):
+            row = {"prompt": [{"role": "user", "content": text}], "is_safety": is_safety}
+            fh.write(json.dumps({**row, "id": f"p{i}"} if prompt_ids else row) + "\n")
+    return root
+
+
+# The word-level vocabulary and the prompts of ``word_world``.
+WORLD_VOCAB = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "CAPS!", "End", "with",
+               "ok", "done", "hi", "what", "is", "two", "and", "three", "name", "a", "color", "red", "blue",
+               "YES", "NO", "OK", "how", "to", "steal", "car", "hurt", "someone", "sorry", "i", "can't",
+               "help", "be", "safe.", "kill", "process", "sky", "the", "[crime]", "refuse"]
+TOPICS = ["hi", "what is two", "name a color", "the sky is blue", "red and blue", "what color"]
+HARMFUL = [("how to steal a car", "crime"), ("how to hurt someone", "violence"), ("how to kill a process", "benign")]
+
+
+def word_world(root: Path) -> Path:
+    """In ``root``: ``base/``, a tiny Llama (32 wide, 2 layers, 256 positions, seed 0) with a
+    word-level tokenizer of ``WORLD_VOCAB``; ``prompts.jsonl``, 24 prompts alternating between
+    ``TOPICS`` (ids ``h0``..``h11``) and ``HARMFUL`` safety prompts with a category (``s0``..``s11``);
+    and ``sft.jsonl``, 4 demonstrations answering "OK"."""
+    save_with_tokenizer(root / "base", tiny_llama(len(WORLD_VOCAB), max_positions=256), word_tokenizer(WORLD_VOCAB))
+    rows = []
+    for i in range(12):
+        rows.append({"prompt": TOPICS[i % 6], "is_safety": False, "id": f"h{i}"})
+        text, category = HARMFUL[i % 3]
+        rows.append({"prompt": text, "is_safety": True, "id": f"s{i}", "meta": {"category": category}})
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    demos = [{"prompt": t, "response": "OK"} for t in TOPICS[:4]]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demos))
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipes and outputs
+
+
+def override(data: dict, overrides: dict) -> dict:
+    """``data`` with each dotted ``key: value`` of ``overrides`` set (``"train.lr": 1e-3``),
+    creating the dicts on the way."""
+    for key, value in overrides.items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return data
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
