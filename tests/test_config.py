@@ -47,6 +47,16 @@ def test_every_generating_stage_has_the_one_sampling_group(stage):
     assert issubclass(field.annotation, SamplingConfig)
 
 
+@pytest.mark.parametrize("stage, defaults", [
+    ("ppo", {"temperature": 1.0, "batch_size": 64, "max_prompt_length": 512}),
+    ("evaluate", {"temperature": 0.0, "batch_size": 64, "max_new_tokens": 64}),
+    ("rejection_sampling", {"temperature": 1.0, "batch_size": 64, "max_new_tokens": 256, "k": 8}),
+])
+def test_a_partial_sampling_group_keeps_the_stages_defaults(stage, defaults):
+    sampling = _load(stage, sampling={"top_p": 0.9}).sampling
+    assert {key: getattr(sampling, key) for key in defaults} == defaults
+
+
 def test_max_prompt_length_sits_in_sampling_where_prompts_are_filtered():
     assert _load("rejection_sampling", sampling={"max_prompt_length": 7}).sampling.max_prompt_length == 7
     assert _load("ppo", sampling={"max_prompt_length": 7}).sampling.max_prompt_length == 7
@@ -76,9 +86,10 @@ def test_the_model_group_carries_the_attention_kernel_everywhere():
 
 
 @pytest.mark.parametrize("group", ["policy", "critic"])
-def test_ppo_refuses_flash_attention_it_cannot_keep_apart(group):
-    with pytest.raises(RecipeError, match=f"{group}.attn_implementation: .*flash_attention_2"):
-        _load("ppo", **{group: {"attn_implementation": "flash_attention_2"}})
+def test_ppo_accepts_flash_attention_its_forwards_keep_apart(group):
+    # the packed forwards run one flattened row under flash attention (tests/test_flash_attention.py)
+    cfg = _load("ppo", **{group: {"attn_implementation": "flash_attention_2"}})
+    assert getattr(cfg, group).attn_implementation == "flash_attention_2"
 
 
 def test_ppo_refuses_greedy_rollouts():

@@ -11,6 +11,14 @@ from rlhf.config import POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, Samplin
 from rlhf.data.config import PromptDataConfig
 
 
+class EvaluateSampling(SamplingConfig):
+    """The evaluated answers: greedy unless ``temperature`` is set."""
+
+    max_new_tokens: int = Field(64, gt=0)
+    temperature: float = Field(0.0, ge=0, description="0 = greedy (the default).")
+    batch_size: int = Field(64, gt=0)
+
+
 class EvaluateConfig(StageConfig):
     """Compare policies on held-out prompts under the reward models (and a gold judge when the
     prompts carry one, as the quickstart world's do).
@@ -42,8 +50,7 @@ class EvaluateConfig(StageConfig):
     safety_rm_from: Path
     prompts: PromptDataConfig = Field(description="Held-out prompts (kind: prompts)")
     max_prompts: int | None = Field(None, gt=0, description="Evaluate only the first N prompts")
-    sampling: SamplingConfig = Field(SamplingConfig(max_new_tokens=64, temperature=0.0, batch_size=64),
-                                     description="The evaluated answers (temperature 0: greedy)")
+    sampling: EvaluateSampling = EvaluateSampling()
     gate_threshold: GateThreshold = 0.15
     kl_temperature: float = Field(1.0, gt=0, description="Sampling temperature of the responses "
                                   "the KL from the baseline is estimated on")

@@ -71,6 +71,15 @@ class CriticConfig(ModelConfig):
     lr: float | None = Field(None, gt=0, description="Critic learning rate (default: train.lr).")
 
 
+class PPOSampling(PromptSamplingConfig):
+    """The rollouts: one answer per prompt, ``batch_size`` prompts per generation call. The
+    log-probs are taken at the sampling temperature, so it must be above 0."""
+
+    temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(64, gt=0)
+    max_prompt_length: int = Field(512, gt=0, description="Prompts of more tokens are left out (counted).")
+
+
 class PPOSettings(Strict):
     iterations: int = Field(200, gt=0, description="The paper ran 200-400, early-stopped.")
     prompts_per_iteration: int = Field(512, gt=0)
@@ -122,9 +131,7 @@ class PPOConfig(StageConfig):
     policy: ModelConfig = ModelConfig()
     critic: CriticConfig = CriticConfig()
     data: PromptDataConfig
-    sampling: PromptSamplingConfig = Field(
-        PromptSamplingConfig(temperature=1.0, batch_size=64, max_prompt_length=512),
-        description="Rollouts: one answer per prompt, `batch_size` prompts per generation call")
+    sampling: PPOSampling = PPOSampling()
     gate_threshold: GateThreshold = 0.15
     ppo: PPOSettings = PPOSettings()
     train: PPOTrainConfig = PPOTrainConfig()
@@ -132,12 +139,6 @@ class PPOConfig(StageConfig):
 
     @model_validator(mode="after")
     def _batches_fit(self) -> "PPOConfig":
-        if self.sampling.temperature == 0:
-            raise ValueError("sampling.temperature: PPO samples its rollouts; give a temperature above 0")
-        for group in ("policy", "critic"):
-            if getattr(self, group).attn_implementation == "flash_attention_2":
-                raise ValueError(f"{group}.attn_implementation: PPO's packed forwards hold several rows, which "
-                                 "flash_attention_2 does not keep apart; use sdpa or eager")
         if self.ppo.prompts_per_iteration % self.train.batch_size:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must divide ppo.prompts_per_iteration "
