@@ -24,17 +24,20 @@ from typing import Any, Sequence
 import torch
 
 from rlhf.artifacts import model_dir
-from rlhf.data.chat import render
+from rlhf.data.chat import render, unfinished
 from rlhf.data.records import Message
 from rlhf.models import load_policy, load_tokenizer
-from rlhf.packing import length_chunks, pack_rows
+from rlhf.packing import length_chunks, pack_rows, packed_hidden
 
 REWARD_CONFIG = "reward_config.json"  # chat template and max length the model was trained with
 
 
-def response_ids(prompt: Sequence[Message], response: str, tokenizer: Any, template: str = "llama2") -> list[int]:
-    """Token ids of a prompt conversation followed by the assistant's ``response``."""
-    return render([*prompt, Message("assistant", response)], tokenizer, template).ids
+def response_ids(prompt: Sequence[Message], response: str, tokenizer: Any, template: str = "llama2",
+                 finished: bool = True) -> list[int]:
+    """Token ids of a prompt conversation followed by the assistant's ``response``; without the
+    EOS closing it when it was not ``finished`` (cut at the token limit: ``chat.unfinished``)."""
+    rendered = render([*prompt, Message("assistant", response)], tokenizer, template)
+    return (rendered if finished else unfinished(rendered, tokenizer.eos_token_id)).ids
 
 
 def classifier_pad_id(tokenizer: Any) -> int:
@@ -103,16 +106,14 @@ class RewardModel(torch.nn.Module):
         returns:                 (N,) float32 rewards
         """
         hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        backbone = getattr(hf, hf.base_model_prefix)
-        # use_cache=False: with a cache transformers ignores the restarts and lets sequences
-        # attend to each other (see rlhf.packing)
-        hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = packed_hidden(getattr(hf, hf.base_model_prefix), input_ids, position_ids)  # (R, T, H)
         picked = hidden[ends[:, 0], ends[:, 1]] if ends.ndim == 2 else hidden[0, ends]  # (N, H)
         return hf.score(picked).squeeze(-1).float()  # (N,)
 
-    def encode(self, prompt: Sequence[Message], response: str) -> list[int]:
-        """Token ids of prompt + response, cut to the last ``max_length`` tokens."""
-        return response_ids(prompt, response, self.tokenizer, self.template)[-self.max_length :]
+    def encode(self, prompt: Sequence[Message], response: str, finished: bool = True) -> list[int]:
+        """Token ids of prompt + response (without an EOS unless ``finished``), cut to the last
+        ``max_length`` tokens."""
+        return response_ids(prompt, response, self.tokenizer, self.template, finished)[-self.max_length :]
 
     @torch.no_grad()
     def score_ids(self, seqs: Sequence[Sequence[int]], batch_tokens: int = 8192) -> torch.Tensor:
@@ -123,16 +124,20 @@ class RewardModel(torch.nn.Module):
             rewards[chunk] = self(*(t.to(self.device) for t in packed)).cpu()
         return rewards
 
-    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], batch_tokens: int = 8192) -> torch.Tensor:
+    def score(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], batch_tokens: int = 8192,
+              finished: Sequence[bool] | None = None) -> torch.Tensor:
         """Reward logits r (N,) of ``responses[i]`` to ``prompts[i]`` (a conversation ending with
-        a user turn)."""
+        a user turn). ``finished[i]`` False: the response was cut at the token limit and is read
+        at its last token, without the EOS it never generated (default: all finished)."""
         if len(prompts) != len(responses):
             raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
-        return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)], batch_tokens)
+        finished = [True] * len(responses) if finished is None else finished
+        return self.score_ids([self.encode(p, r, f) for p, r, f in zip(prompts, responses, finished)], batch_tokens)
 
-    def probabilities(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], batch_tokens: int = 8192) -> torch.Tensor:
+    def probabilities(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], batch_tokens: int = 8192,
+                      finished: Sequence[bool] | None = None) -> torch.Tensor:
         """sigmoid(r) (N,): the scale of the PPO safety gate."""
-        return torch.sigmoid(self.score(prompts, responses, batch_tokens))
+        return torch.sigmoid(self.score(prompts, responses, batch_tokens, finished))
 
     # Saving, in the shape ``rlhf.training.save_model`` expects of a model
 

@@ -11,13 +11,17 @@ Only the main process (``RANK`` 0 under torchrun / accelerate) writes. Nothing h
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -32,10 +36,25 @@ LOCK = "running.lock"
 # Written by the toolkit while a stage runs; not part of the output fingerprint.
 _VOLATILE = {MANIFEST, LOCK, "metrics.jsonl", "config.yaml", "inputs.json", "checkpoints"}
 _PACKAGES = ("rlhf-toolkit", "torch", "transformers", "trl", "peft", "accelerate", "datasets")
+# Our own passing names: ``.NAME.tmpPID`` (a file before its atomic rename) and ``.trash-NAME-PID``
+# (a tree renamed away before it is deleted). A kill can leave them; they never count as content.
+_TEMP = re.compile(r"^\..+\.tmp\d+$|^\.trash-")
+# Free space below which a failed write is taken for a full disk (torch.save only says
+# "unexpected pos" when it runs out of space).
+_NEARLY_FULL = 16 * 2**20
 
 
 class InputError(Exception):
     """A stage input that cannot be used; the message is ready to print (exit 2)."""
+
+
+class DiskFull(Exception):
+    """No space left while writing; the message names the file system and the file (exit 2)."""
+
+
+class Diverged(Exception):
+    """Training stopped on a non-finite loss or weights; the message names the last good
+    checkpoint, which is kept (exit 2)."""
 
 
 def is_main_process() -> bool:
@@ -53,10 +72,105 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def is_temp(name: str) -> bool:
+    """A name of ours for a file or tree on its way in or out (see ``_TEMP``)."""
+    return bool(_TEMP.match(name))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` whole or keeps what it held: written aside, then renamed."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        with writing(path):
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a tree so that a kill half way never leaves a part of it under its own name:
+    rename it to a trash name first (``remove_trash`` finishes what a kill interrupted)."""
+    path = Path(path)
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def remove_trash(directory: Path) -> None:
+    """Finish the deletions a killed run left half done in ``directory`` and its checkpoints."""
+    directory = Path(directory)
+    for trash in [*directory.glob(".trash-*"), *directory.glob("checkpoints/.trash-*")]:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def file_mode() -> int:
+    """The mode a plain ``open`` gives a new file (0o666 less the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def normalize_modes(directory: Path) -> None:
+    """Every file under ``directory`` gets ``file_mode()``: safetensors writes through a private
+    temporary file (0600), so weights would be the one file other users cannot read."""
+    mode = file_mode()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk
+
+
+def _mount_point(path: Path) -> Path:
+    path = Path(os.path.realpath(path))
+    while not path.exists():
+        path = path.parent
+    device = path.stat().st_dev
+    while path.parent != path and path.parent.stat().st_dev == device:
+        path = path.parent
+    return path
+
+
+def _is_disk_full(exc: BaseException, path: Path) -> bool:
+    last = exc
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(exc) or "os error 28" in str(exc):
+            return True
+        last, exc = exc, exc.__cause__ or exc.__context__
+    if not isinstance(last, (OSError, RuntimeError)):  # what a write can fail with
+        return False
+    try:
+        return shutil.disk_usage(_mount_point(path)).free < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+@contextmanager
+def writing(path: Path):
+    """Writes to ``path`` (a file or a tree) inside the block: a full disk becomes a DiskFull
+    that says where and what to do, whichever library was writing."""
+    try:
+        yield
+    except DiskFull:
+        raise
+    except Exception as exc:
+        if not _is_disk_full(exc, Path(path)):
+            raise
+        raise DiskFull(f"no space left on {_mount_point(path)} while writing {path}; free space and "
+                       "run the same command again") from exc
 
 
 def package_versions() -> dict[str, str]:
@@ -78,7 +192,7 @@ def _hash_files(path: Path, skip: set[str]) -> str:
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for file in files:
         rel = file.relative_to(path) if path.is_dir() else Path(file.name)
-        if rel.parts and rel.parts[0] in skip:
+        if rel.parts and rel.parts[0] in skip or any(is_temp(part) for part in rel.parts):
             continue
         digest.update(str(rel).encode() + b"\0")
         with open(file, "rb") as fh:
@@ -143,6 +257,86 @@ def input_fingerprints(cfg: StageConfig) -> dict[str, dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Locks: one writer per stage directory (and per rounds / batches directory)
+#
+# ``running.lock`` is locked with flock(2) by its writer and names it (pid, host, since). The
+# kernel drops the lock when the writer dies, however it dies, so a dead run's lock is simply
+# taken over; the file left behind only marks the directory as interrupted.
+
+_HELD: dict[Path, int] = {}  # lock file -> the descriptor this process locks it with
+
+
+def hold_lock(directory: Path) -> None:
+    """Lock ``directory`` for this process, or raise InputError naming the live holder."""
+    path = Path(directory).resolve() / LOCK
+    release_lock(directory)  # held still by an earlier run in this process that stopped early
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InputError(f"{directory}: in use by {_holder(path)}; wait for it to finish, or use "
+                             "another directory") from None
+        if _same_file(fd, path):  # else a finishing holder removed it meanwhile: lock the new one
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": now()}).encode())
+    _HELD[path] = fd
+
+
+def release_lock(directory: Path) -> None:
+    """Drop this process's lock of ``directory`` (if it holds it), so it reads as interrupted."""
+    path = Path(directory).resolve() / LOCK
+    fd = _HELD.pop(path, None)
+    if fd is not None:
+        path.unlink(missing_ok=True)  # before unlocking: nobody may lock a file on its way out
+        os.close(fd)
+
+
+@contextmanager
+def locked(directory: Path):
+    """``directory`` locked for the block (created if needed)."""
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    hold_lock(directory)
+    try:
+        yield
+    finally:
+        release_lock(directory)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == path.stat().st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+        return f"process {info['pid']} on {info['host']} (since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a live process holds the lock file ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
 # Stage state
 
 
@@ -152,26 +346,22 @@ def stage_state(stage_dir: Path) -> str:
     manifest = read_manifest(stage_dir)
     if manifest and manifest.get("status") == "complete":
         return "complete"
-    lock = stage_dir / LOCK
-    if lock.exists():
-        try:
-            info = json.loads(lock.read_text())
-            if info.get("host") == socket.gethostname():
-                os.kill(int(info["pid"]), 0)
-            return "running"
-        except (OSError, ValueError, KeyError):
-            return "interrupted"
+    if (stage_dir / LOCK).exists():
+        return "running" if is_locked(stage_dir / LOCK) else "interrupted"
     return "interrupted" if (stage_dir / "config.yaml").exists() else "not started"
 
 
-def release_lock(stage_dir: Path) -> None:
-    """Drop this process's lock after a stage stopped early, so it reads as interrupted."""
-    lock = Path(stage_dir) / LOCK
+def is_ours(directory: Path) -> bool:
+    """Whether ``directory`` is empty or a stage directory this toolkit wrote (a manifest, or
+    the config.yaml a started run writes first): the only kind a run may set aside."""
+    names = [p.name for p in Path(directory).iterdir() if p.name != LOCK and not is_temp(p.name)]
+    if not names or (read_manifest(directory) or {}).get("stage"):
+        return True
     try:
-        if json.loads(lock.read_text()).get("pid") == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError):
-        pass
+        with open(Path(directory) / "config.yaml", encoding="utf-8") as fh:
+            return fh.readline().startswith("# config_hash: ")
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def is_up_to_date(cfg: StageConfig) -> bool:

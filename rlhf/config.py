@@ -37,6 +37,13 @@ GateThreshold = Annotated[float, Field(ge=0, le=1, description="Safety gate on R
                                        "a response scoring below it is judged by the safety reward model.")]
 # Chat format: Llama 2's [INST] format, or the tokenizer's own chat template.
 Template = Literal["llama2", "tokenizer"]
+# A response cut at sampling.max_new_tokens (no EOS) is scored by the reward models without an EOS;
+# this lowers its R_c further (TRL's missing_eos_penalty, rlhf.rewards.penalize_truncated).
+MissingEosPenalty = Annotated[float | None, Field(gt=0, description=(
+    "Penalty, in reward-model logits, for a response cut at sampling.max_new_tokens (no EOS): its "
+    "R_c becomes sigmoid(logit(R_c) - penalty) after the gate, as TRL subtracts missing_eos_penalty "
+    "from the score (TRL's examples use 1.0). null: no penalty; truncated responses are still "
+    "scored without the EOS they never generated."))]
 
 
 # ---------------------------------------------------------------------------------------------

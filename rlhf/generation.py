@@ -161,6 +161,7 @@ def generate(
 class Samples(NamedTuple):
     response_ids: list[list[int]]  # per row, up to and including its EOS
     texts: list[str]  # decoded without special tokens, stripped
+    finished: list[bool]  # per row: it ended with EOS (False: cut at max_new_tokens, truncated)
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -180,7 +181,7 @@ def sample(
         for i, response in zip(bucket, out.responses()):
             responses[i] = response
     texts = [t.strip() for t in tokenizer.batch_decode(responses, skip_special_tokens=True)]
-    return Samples(responses, texts)
+    return Samples(responses, texts, [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses])
 
 
 # A sampler answers a batch of conversations (each ending with a user turn); ``keys`` name each

@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from rlhf.packing import length_chunks, pack_rows
+from rlhf.packing import length_chunks, pack_rows, packed_hidden
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,9 +68,7 @@ class PackedPolicy(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
         """input_ids, position_ids (R, W); predict (K, 2) -> logits (K, V)."""
         hf = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        backbone = getattr(hf, hf.base_model_prefix)
-        # use_cache=False: with a cache transformers ignores the restarts (see rlhf.packing)
-        hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = packed_hidden(getattr(hf, hf.base_model_prefix), input_ids, position_ids)  # (R, W, H)
         return hf.get_output_embeddings()(hidden[predict[:, 0], predict[:, 1]])
 
     # Saving, in the shape ``rlhf.training.save_model`` expects of a model
@@ -86,9 +84,10 @@ class PackedPolicy(torch.nn.Module):
 
 def policy_logits(policy: PackedPolicy, batch: PackedResponses, temperature: float = 1.0) -> torch.Tensor:
     """Logits (K, V) that predict each response token, at the sampling temperature (PPO's
-    ratios compare the distributions the tokens were sampled from)."""
-    logits = policy(batch.input_ids, batch.position_ids, batch.predict)
-    return logits if temperature == 1 else logits / temperature  # (K, V): no copy at T = 1
+    ratios compare the distributions the tokens were sampled from), in float32: bf16 logits
+    divided by T would round differently from the float32 ones of an autocast policy."""
+    logits = policy(batch.input_ids, batch.position_ids, batch.predict).float()  # (K, V)
+    return logits if temperature == 1 else logits / temperature  # no copy at T = 1 (fp32 outputs)
 
 
 def policy_logprobs(policy: PackedPolicy, batch: PackedResponses, temperature: float = 1.0) -> torch.Tensor:

@@ -7,6 +7,11 @@ gets exactly the logits it would get alone: the packed loss equals the unpacked 
 Pass ``use_cache=False`` in the forward: with a cache (the default, even in train mode)
 transformers skips the packed-sequence detection and the sequences attend to each other.
 
+Flash-attention kernels get no mask: they read the sequences' boundaries from the restarts
+themselves, and only in a batch of one row (``_flash_attention_forward``); rows of a batch of
+several are not kept apart. ``packed_hidden`` therefore hands them the rows flattened into one
+(``needs_one_row``), and sdpa and eager the rows as they are.
+
 Used by every forward over several sequences: SFT and the fine-tuning stages (examples packed
 into rows of ``max_length``), the reward models (chosen and rejected sequences scored in one
 forward, read at each sequence's last token), and the policy, reference and critic forwards
@@ -113,6 +118,29 @@ def pack_rows(seqs: Sequence[Sequence[int]], pad_id: int = 0) -> PackedRows:
         for i, end in zip(group, packed.ends):
             ends[i] = (r, end)
     return PackedRows(torch.cat(ids), torch.cat(positions), torch.tensor(ends))
+
+
+def needs_one_row(config) -> bool:
+    """Whether the model's attention keeps packed sequences apart only in a batch of one row:
+    a flash-attention kernel, which transformers gives no mask (``flash_attention_mask``, the
+    mask function of ``flash_attention_2`` and of the flash kernels from the hub)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+
+    return ALL_MASK_ATTENTION_FUNCTIONS.get(config._attn_implementation) is flash_attention_mask
+
+
+def packed_hidden(backbone: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (R, T, H) of packed rows (R, T) (``PackedRows``), each sequence seeing
+    only itself. ``backbone`` is a Hugging Face base model (``LlamaModel``); under flash attention
+    it runs the rows flattened into one (1, R * T) row, where each row's padding, its positions
+    restarting too, stays a block of its own."""
+    rows = input_ids.shape
+    if needs_one_row(backbone.config):
+        input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+    # use_cache=False: with a cache transformers ignores the restarts and lets sequences attend
+    # to each other
+    hidden = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+    return hidden.reshape(*rows, -1)  # (R, T, H)
 
 
 def length_chunks(lengths: Sequence[int], budget: int) -> list[list[int]]:

@@ -1,6 +1,7 @@
 """The reward of the method (METHOD.md sec. 5) as small pure functions on tensors.
 
     R_c = R_s  if IS_SAFETY(p) or R_s < threshold  else R_h        (probability scale)
+    R_c = SIGMOID(LOGIT(R_c) - missing_eos_penalty)  for a response cut at the token limit
     R   = WHITEN(LOGIT(R_c)) - beta * KL(pi || pi_0)                (per generated token)
 
 Rejection sampling ranks samples by R_c; PPO optimises R. Whitening uses the statistics of the
@@ -25,6 +26,17 @@ def safety_gate(
     """Combine the two reward models' probabilities (sigmoid of their logits), shape (B,)."""
     used_safety = is_safety.bool() | (safety < threshold)
     return GatedReward(torch.where(used_safety, safety, helpfulness), used_safety)
+
+
+def penalize_truncated(reward: torch.Tensor, finished: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """R_c (B,) of the responses not ``finished`` (no EOS within the token limit) lowered by
+    ``penalty`` on the logit scale, TRL's ``missing_eos_penalty`` (subtracted from the reward
+    model's score); the others, or all when ``penalty`` is None, unchanged.
+
+    R_c 0.8, penalty 1: sigmoid(ln 4 - 1) = 4 / (4 + e) = 0.595"""
+    if penalty is None:
+        return reward
+    return torch.where(finished.bool(), reward, torch.sigmoid(logit(reward) - penalty))
 
 
 def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

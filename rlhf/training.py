@@ -145,6 +145,18 @@ def prepare_model(
     return model
 
 
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout of ``model`` off, in train mode too: dropout modules (LoRA's included) and
+    the attention dropout rate transformers' attention layers read from ``attention_dropout``.
+    RL stages train so: a sample's log-probs must not change between scoring and updating."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
     params = [p for p in model.parameters() if p.requires_grad]

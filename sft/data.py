@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.data import DataError, Problem, Rendered, SFTExample, render
+from rlhf.data.chat import unfinished
 from sft.config import SFTDataConfig
 from rlhf.packing import best_fit_rows, pack_sequences
 
@@ -65,10 +66,12 @@ class SFTBatch(NamedTuple):
 
 
 def tokenize(examples: Sequence[SFTExample], tokenizer: Any, cfg: SFTDataConfig) -> list[Rendered]:
+    """Each example rendered and masked; one not ``finished`` without its last answer's EOS."""
     rendered = []
     for n, example in enumerate(examples, start=1):
         try:
-            rendered.append(render(example.messages, tokenizer, cfg.template, cfg.loss_on))
+            out = render(example.messages, tokenizer, cfg.template, cfg.loss_on)
+            rendered.append(out if example.finished else unfinished(out, tokenizer.eos_token_id))
         except ValueError as exc:
             where = example.id or f"record {n}"
             raise DataError([Problem(example.source or "sft data", None, "messages", f"{where}: {exc}")]) from None

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from rlhf.artifacts import StageRun
 from rlhf.data import SFTExample, load_data
 from rlhf.models import load_policy
+from rlhf.packing import needs_one_row
 from rlhf.training import make_accelerator, prepare_model, save_model, train_loop
 from sft.config import SFTConfig
 from sft.data import build_rows, collate, sft_loss
@@ -38,7 +39,7 @@ def fine_tune(run: StageRun, accelerator, source: Path, examples: Sequence[SFTEx
     )
     # 3. train (flash attention keeps packed examples apart only in one flattened row per
     #    micro-batch), then save the model in Hugging Face format
-    flatten = cfg.model.attn_implementation == "flash_attention_2"
+    flatten = needs_one_row(model.config)
     metrics = train_loop(run, model, rows, partial(collate, flatten=flatten), sft_loss, cfg.train, cfg.seed,
                          accelerator, desc=f"{cfg.stage} fine-tune")
     save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora)

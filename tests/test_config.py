@@ -47,13 +47,13 @@ def test_every_generating_stage_has_the_one_sampling_group(stage):
     assert issubclass(field.annotation, SamplingConfig)
 
 
-@pytest.mark.parametrize("stage, defaults", [
-    ("ppo", {"temperature": 1.0, "batch_size": 64, "max_prompt_length": 512}),
-    ("evaluate", {"temperature": 0.0, "batch_size": 64, "max_new_tokens": 64}),
-    ("rejection_sampling", {"temperature": 1.0, "batch_size": 64, "max_new_tokens": 256, "k": 8}),
+@pytest.mark.parametrize("stage, given, defaults", [
+    ("ppo", {"max_new_tokens": 7}, {"temperature": 1.0, "batch_size": 64, "max_prompt_length": 512}),
+    ("evaluate", {"top_p": 0.9}, {"temperature": 0.0, "batch_size": 64, "max_new_tokens": 64}),
+    ("rejection_sampling", {"top_p": 0.9}, {"temperature": 1.0, "batch_size": 64, "max_new_tokens": 256, "k": 8}),
 ])
-def test_a_partial_sampling_group_keeps_the_stages_defaults(stage, defaults):
-    sampling = _load(stage, sampling={"top_p": 0.9}).sampling
+def test_a_partial_sampling_group_keeps_the_stages_defaults(stage, given, defaults):
+    sampling = _load(stage, sampling=given).sampling
     assert {key: getattr(sampling, key) for key in defaults} == defaults
 
 
@@ -95,3 +95,8 @@ def test_ppo_accepts_flash_attention_its_forwards_keep_apart(group):
 def test_ppo_refuses_greedy_rollouts():
     with pytest.raises(RecipeError, match="sampling.temperature"):
         _load("ppo", sampling={"temperature": 0})
+
+
+def test_ppo_refuses_nucleus_sampling():
+    with pytest.raises(RecipeError, match="sampling.top_p: 0.9 samples from the nucleus"):
+        _load("ppo", sampling={"top_p": 0.9})

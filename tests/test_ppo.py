@@ -12,7 +12,8 @@ from launch import launch
 from rlhf.config import validate
 from rlhf.recipe import load_recipe
 from rlhf.ppo.config import PPOConfig
-from tiny import PROMPT_CORPUS, Crash, override, read_jsonl, stage_world, stored_weights
+from tiny import (PROMPT_CORPUS, Crash, override, read_jsonl, save_reward_model, save_with_tokenizer, stage_dir,
+                  stage_world, stored_weights)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -152,6 +153,37 @@ def test_lora_run_starts_at_zero_kl(world, tmp_path):
     assert (out / "model" / "model.safetensors").exists()  # merged: a plain HF model
 
 
+@pytest.mark.parametrize("precision, lora", [("no", None), ("bf16", None), ("no", 0.1), ("bf16", 0.1)],
+                         ids=["fp32", "bf16", "lora-dropout", "bf16-lora-dropout"])
+def test_first_update_starts_from_kl_zero_and_ratio_one(world, tmp_path, precision, lora):
+    """Iteration 1: the reference's log-probs are the policy's (KL 0). Every iteration: its first
+    update sees the log-probs its rollouts were scored with (ratio 1: approx-KL 0, nothing
+    clipped), in every precision and with LoRA dropout (from iteration 2 on, when the adapter is
+    no longer zero). One mini-batch per iteration, so its statistics are all taken before its
+    optimizer step."""
+    from rlhf.ppo.stage import run
+
+    overrides = {"train.mixed_precision": precision, "train.batch_size": 4, "train.micro_batch_size": 2}
+    if lora is not None:
+        overrides["policy.lora"] = {"enabled": True, "r": 4, "dropout": lora}
+    rows = _metrics(run(_cfg(world, tmp_path / "ppo", **overrides)))
+    assert rows[0]["kl"] == 0.0 and rows[1]["kl"] != 0.0
+    for row in rows:
+        assert row["approx_kl"] == pytest.approx(0.0, abs=1e-7) and row["clip_fraction"] == 0.0
+
+
+def test_a_critic_with_another_tokenizer_is_refused(world, tmp_path):
+    from rlhf.artifacts import InputError
+    from rlhf.models import build_model, train_tokenizer
+    from rlhf.ppo.stage import run
+
+    other = train_tokenizer(["something else entirely"] * 4, vocab_size=300)
+    lm = save_with_tokenizer(tmp_path / "other_lm", build_model("tiny", len(other)), other)
+    save_reward_model(stage_dir(tmp_path / "other_rm", "reward_model") / "model", lm, other, seed=3)
+    with pytest.raises(InputError, match="critic_from: .*its tokenizer is not the policy's"):
+        run(_cfg(world, tmp_path / "ppo", critic_from=str(tmp_path / "other_rm")))
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(world, tmp_path):
     """Samples are seeded per response and each global mini-batch is split across processes,
@@ -178,7 +210,7 @@ def test_memory_options_run_together(world, tmp_path):
     }))
     rows = _metrics(out)
     assert all(torch.isfinite(torch.tensor(r["value_loss"])) for r in rows)
-    assert abs(rows[0]["kl"]) < 1e-2  # the bf16 reference matches the autocast policy closely
+    assert rows[0]["kl"] == 0.0  # the reference takes the autocast policy's precision path
     critic = stored_weights(out / "critic")
     assert "score.weight" in critic and not any("lora" in k for k in critic)  # merged
 

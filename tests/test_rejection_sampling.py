@@ -32,7 +32,7 @@ class FixedRM:
     def __init__(self, table: dict[str, float]):
         self.table = table
 
-    def probabilities(self, prompts, responses):
+    def probabilities(self, prompts, responses, finished=None):
         return torch.tensor([self.table[r] for r in responses])
 
 
@@ -70,7 +70,7 @@ def test_pool_keeps_the_max_across_rounds():
     # a improves (0.6 > 0.5); b ties and keeps round 1; c was not sampled; d is new
     assert {k: (e["reward"], e["round"]) for k, e in new.items()} == {
         "a": (0.6, 2), "b": (0.7, 1), "c": (0.2, 1), "d": (0.1, 2)}
-    assert counts == {"improved": 1, "added": 1, "kept": 1, "not_sampled": 1}
+    assert counts == {"improved": 1, "added": 1, "kept": 1, "not_sampled": 1, "only_truncated": 0}
 
 
 def test_stale_entries_are_rescored_under_the_current_reward_models():
@@ -145,6 +145,7 @@ def _config(world: Path, out: Path, **overrides) -> dict:
         "safety_rm_from": str(world / "rm_s"),
         "data": {"sources": [{"path": str(world / "prompts.jsonl")}], "max_length": 64},
         "sampling": {"k": 4, "max_new_tokens": 6, "batch_size": 12},  # 3 prompts a bucket: 3 buckets
+        "pool_truncated": True,  # the random policy almost never ends within 6 tokens (tests/test_truncation.py)
         "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "max_steps": 2, "save_every": 1},
     }
     return override(data, overrides)
@@ -204,9 +205,10 @@ def test_changed_reward_models_rescore_the_pool(world, round1, tmp_path):
     old = read_jsonl(round1 / "pool.jsonl")
     h, s = load_reward_model(world / "rm_h"), load_reward_model(world / "rm_s2")
     prompts = [[Message(**x) for x in e["prompt"]] for e in old]
+    finished = [e["finished"] for e in old]  # a truncated answer is re-scored without an EOS too
     with torch.no_grad():
-        s_old = s.probabilities(prompts, [e["response"] for e in old])
-        h_old = h.probabilities(prompts, [e["response"] for e in old])
+        s_old = s.probabilities(prompts, [e["response"] for e in old], finished=finished)
+        h_old = h.probabilities(prompts, [e["response"] for e in old], finished=finished)
     new = {e["key"]: e for e in read_jsonl(out / "pool.jsonl")}
     for e, hp, sp in zip(old, h_old.tolist(), s_old.tolist()):
         rescored = sp if e["is_safety"] or sp < 0.15 else hp  # the old response under the new models

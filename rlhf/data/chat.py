@@ -10,6 +10,9 @@ a turn are tokenized separately, without special tokens, so the loss mask falls 
 answer tokens and their EOS, and ``render_prompt(conversation)`` is a prefix of
 ``render(conversation + [answer])``.
 
+An answer cut off at the token limit never generated the EOS that closes it: ``unfinished``
+renders it open, so it is neither scored nor trained as a finished answer.
+
 ``template="tokenizer"`` uses the tokenizer's own chat template instead; the mask of each
 assistant turn is what rendering that turn adds to the rendered prefix before it.
 """
@@ -72,6 +75,19 @@ def render_prompt(
     if template == "tokenizer":
         return _apply_template(tokenizer, messages, add_generation_prompt=True)
     return render(messages, tokenizer, template).ids
+
+
+def unfinished(rendered: Rendered, eos_token_id: int) -> Rendered:
+    """``rendered`` with its last answer left open (an answer cut at ``max_new_tokens``): cut
+    before the last EOS of the last answer's span, so the EOS and whatever the template puts
+    after it go. Earlier turns keep theirs; unchanged when the last answer holds no EOS.
+
+    llama2 ``... [/INST] ok no </s>`` -> ``... [/INST] ok no``"""
+    last = _only_last_span(rendered.loss_mask)
+    closing = [t for t, (i, m) in enumerate(zip(rendered.ids, last)) if m and i == eos_token_id]
+    if not closing:
+        return rendered
+    return Rendered(rendered.ids[: closing[-1]], rendered.loss_mask[: closing[-1]])
 
 
 def _turns(messages: list[Message]) -> list[tuple[str, str | None]]:

@@ -44,6 +44,7 @@ class SFTExample:
     messages: list[Message]
     source: str = ""
     id: str | None = None
+    finished: bool = True  # False: the last answer was cut at the token limit; trained without an EOS
 
 
 @dataclass

@@ -12,6 +12,7 @@ The reward of each rollout (Llama 2, Sec. 3.2.3; Stiennon et al. 2020 for what t
 open):
 
     R_c = R_s if IS_SAFETY(prompt) or R_s < gate_threshold else R_h   (probability scale)
+    R_c = SIGMOID(LOGIT(R_c) - missing_eos_penalty)  if the response has no EOS (cut at max_new_tokens)
     R_t = -beta * KL_t(pi || pi_0)       on every generated token t
         + WHITEN(LOGIT(R_c))             added on the last generated token
 
@@ -32,11 +33,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhf.config import (
-    POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, ModelConfig, PromptSamplingConfig, StageConfig, Strict,
-    TrainConfig,
+    POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, MissingEosPenalty, ModelConfig, PromptSamplingConfig,
+    StageConfig, Strict, TrainConfig,
 )
 from rlhf.data.config import DataConfig, PromptDataConfig
 
@@ -78,6 +79,14 @@ class PPOSampling(PromptSamplingConfig):
     temperature: float = Field(1.0, gt=0)
     batch_size: int = Field(64, gt=0)
     max_prompt_length: int = Field(512, gt=0, description="Prompts of more tokens are left out (counted).")
+
+    @field_validator("top_p")
+    @classmethod
+    def _full_distribution(cls, top_p: float) -> float:
+        if top_p != 1.0:
+            raise ValueError(f"{top_p} samples from the nucleus, but PPO's ratios and KL use the whole "
+                             "distribution; set top_p: 1.0")
+        return top_p
 
 
 class PPOSettings(Strict):
@@ -133,6 +142,7 @@ class PPOConfig(StageConfig):
     data: PromptDataConfig
     sampling: PPOSampling = PPOSampling()
     gate_threshold: GateThreshold = 0.15
+    missing_eos_penalty: MissingEosPenalty = None
     ppo: PPOSettings = PPOSettings()
     train: PPOTrainConfig = PPOTrainConfig()
     early_stop: EarlyStopConfig = EarlyStopConfig()

@@ -1,8 +1,9 @@
 """The PPO stage (Llama 2, Sec. 3.2.3): optimise the safety-gated reward with a KL penalty.
 
 One iteration: sample a response to each of ``prompts_per_iteration`` prompts, score it with
-both reward models and gate, whiten, subtract the KL penalty per token, estimate advantages with
-GAE, then run ``train.epochs`` PPO epochs over mini-batches of ``train.batch_size`` rollouts
+both reward models and gate (a response cut at ``max_new_tokens`` is scored without an EOS and
+lowered by ``missing_eos_penalty``), whiten, subtract the KL penalty per token, estimate
+advantages with GAE, then run ``train.epochs`` PPO epochs over mini-batches of ``train.batch_size`` rollouts
 (one optimizer step per mini-batch, for the policy and the critic each). The math lives in
 ``rlhf.rewards`` and ``rlhf.ppo.losses``; this module wires it.
 
@@ -30,20 +31,20 @@ from typing import Any
 import torch
 
 from reward_model.model import RewardModel, load_reward_model
-from rlhf.artifacts import StageRun, model_dir, read_manifest
+from rlhf.artifacts import InputError, StageRun, model_dir, read_manifest
 from rlhf.config import RecipeError
 from rlhf.data import Prompt, render_prompt
 from rlhf.data.load import load_data
-from rlhf.generation import row_seed, sample
+from rlhf.generation import Samples, row_seed, sample
 from rlhf.logprobs import PackedPolicy, pack_responses, per_token, policy_logits, policy_logprobs, token_logprobs
 from rlhf.models import inference_dtype, load_policy
 from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.losses import entropy, explained_variance, gae, policy_loss, value_loss
 from rlhf.ppo.rollout import critic_values, reference
 from rlhf.progress import Progress
-from rlhf.rewards import kl_penalty, logit, safety_gate, token_rewards, whiten
+from rlhf.rewards import kl_penalty, logit, penalize_truncated, safety_gate, token_rewards, whiten
 from rlhf.training import (
-    epoch_order, latest_checkpoint, lr_factor, make_accelerator, make_optimizer, micro_batches,
+    disable_dropout, epoch_order, latest_checkpoint, lr_factor, make_accelerator, make_optimizer, micro_batches,
     prepare_model, resume, save_checkpoint, save_model, warmup_steps,
 )
 
@@ -74,9 +75,10 @@ class Rollouts:
     values: torch.Tensor  # (B, T) V_old
     r_h: torch.Tensor  # (B,) helpfulness RM, probability scale
     r_s: torch.Tensor  # (B,) safety RM, probability scale
-    r_c: torch.Tensor  # (B,) the gated reward R_c
+    r_c: torch.Tensor  # (B,) the gated reward R_c (lowered by missing_eos_penalty where truncated)
     used_safety: torch.Tensor  # (B,) 1 where R_c = R_s
     is_safety: torch.Tensor  # (B,) 1 on safety prompts
+    finished: torch.Tensor  # (B,) 1 where the response ended with EOS, 0 where cut at max_new_tokens
 
     @property
     def mask(self) -> torch.Tensor:  # (B, T) 1 on generated tokens
@@ -119,11 +121,14 @@ def collect_rollouts(accelerator, models, batch: list, seeds: list[int], cfg: PP
         # 1. generate
         with timer("generation"):
             samples = generate(policy, prompt_ids, seeds, models.tokenizer, cfg)
-        # 2. score with both reward models and gate (probability scale)
+        # 2. score with both reward models and gate (probability scale); a truncated response
+        #    is read without an EOS and its R_c lowered by missing_eos_penalty
         with timer("scoring"):
-            r_h, r_s = score_both(models, [p for p, _ in batch], samples.texts, cfg, accelerator.device)
+            r_h, r_s = score_both(models, [p for p, _ in batch], samples, cfg, accelerator.device)
             is_safety = torch.tensor([float(p.is_safety) for p, _ in batch], device=accelerator.device)
+            finished = torch.tensor(samples.finished, dtype=torch.float, device=accelerator.device)
             gated = safety_gate(r_h, r_s, is_safety, cfg.gate_threshold)
+            r_c = penalize_truncated(gated.reward, finished, cfg.missing_eos_penalty)
         # 3. log pi_old, log pi_0 and V_old per generated token
         with timer("forward"):
             forward = dict(prompt_ids=prompt_ids, response_ids=samples.response_ids,
@@ -133,7 +138,7 @@ def collect_rollouts(accelerator, models, batch: list, seeds: list[int], cfg: PP
                 ref_logprobs = per_token(lambda b: policy_logprobs(ref, b, cfg.sampling.temperature), **forward)
             values = per_token(lambda b: critic_values(critic, b), **forward)
     return Rollouts(prompt_ids, samples.response_ids, logprobs, ref_logprobs, values,
-                    r_h, r_s, gated.reward, gated.used_safety.float(), is_safety)
+                    r_h, r_s, r_c, gated.used_safety.float(), is_safety, finished)
 
 
 def run(cfg: PPOConfig) -> Path:
@@ -212,14 +217,21 @@ def critic_source(cfg: PPOConfig) -> Path:
 
 
 def load_models(cfg: PPOConfig, device: torch.device) -> Models:
-    model, tokenizer = load_policy(cfg.policy_from, attn_implementation=cfg.policy.attn_implementation)
-    policy = PackedPolicy(prepare_model(model, cfg.policy))
-    frozen = {"dtype": inference_dtype(cfg.train.mixed_precision, device)}
+    """The policy and critic (trained, dropout off: the log-probs and values of the rollouts and
+    of the updates come from the same function), the reference in the policy's own dtype (its
+    log-probs take the policy's precision path, so KL starts at 0), the reward models."""
+    attn = cfg.policy.attn_implementation
+    model, tokenizer = load_policy(cfg.policy_from, attn_implementation=attn)
+    policy = PackedPolicy(disable_dropout(prepare_model(model, cfg.policy)))
     # a LoRA policy is its own reference (adapter off): no second copy of the weights
-    ref = None if cfg.policy.lora.enabled else freeze(PackedPolicy(load_policy(cfg.policy_from, **frozen)[0]), device)
+    ref = None if cfg.policy.lora.enabled else freeze(PackedPolicy(load_policy(cfg.policy_from, attn_implementation=attn)[0]), device)
     critic = load_reward_model(critic_source(cfg), attn_implementation=cfg.critic.attn_implementation)
-    critic.model = prepare_model(critic.model, cfg.critic, task_type="SEQ_CLS", modules_to_save=["score"])
+    if critic.tokenizer.get_vocab() != tokenizer.get_vocab():  # it reads values at the policy's tokens
+        raise InputError(f"critic_from: {critic_source(cfg)}: its tokenizer is not the policy's, so its values "
+                         "would be read at other tokens; start the critic from a reward model trained on this policy")
+    critic.model = disable_dropout(prepare_model(critic.model, cfg.critic, task_type="SEQ_CLS", modules_to_save=["score"]))
     rm_device = "cpu" if cfg.ppo.offload_reward_models else device
+    frozen = {"dtype": inference_dtype(cfg.train.mixed_precision, device)}
     helpfulness = freeze(load_reward_model(cfg.helpfulness_rm_from, **frozen), rm_device)
     safety = freeze(load_reward_model(cfg.safety_rm_from, **frozen), rm_device)
     return Models(tokenizer, policy, ref, critic.train(), helpfulness, safety)
@@ -300,13 +312,15 @@ def on_device(model: torch.nn.Module, device, offload: bool):
             model.to("cpu")
 
 
-def score_both(models: Models, prompts: list[Prompt], texts: list[str], cfg: PPOConfig, device) -> list[torch.Tensor]:
-    """R_h, R_s (B,): sigmoid of each reward model's logit."""
+def score_both(models: Models, prompts: list[Prompt], samples: Samples, cfg: PPOConfig, device) -> list[torch.Tensor]:
+    """R_h, R_s (B,): sigmoid of each reward model's logit; a response cut at max_new_tokens is
+    read at its last token, without the EOS it never generated."""
     conversations = [p.messages for p in prompts]
     out = []
     for rm in (models.helpfulness, models.safety):
         with on_device(rm, device, cfg.ppo.offload_reward_models):
-            out.append(rm.probabilities(conversations, texts, cfg.ppo.forward_tokens).float().to(device))
+            scores = rm.probabilities(conversations, samples.texts, cfg.ppo.forward_tokens, samples.finished)
+            out.append(scores.float().to(device))
     return out
 
 
@@ -420,30 +434,34 @@ def optimizer_step(accelerator, models: Models, optimizers, schedulers, cfg: PPO
 def rollout_metrics(ro: Rollouts, kl: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
     """Means over the iteration's rollouts. ``safety_scored``: share of rollouts scored by R_s;
     ``gate_share``: share of those sent there by the gate (R_s < threshold on a helpfulness
-    prompt); ``kl``: KL(pi || pi_0) per response, summed over its tokens."""
+    prompt); ``kl``: KL(pi || pi_0) per response, summed over its tokens; ``truncation_rate``:
+    share of responses cut at ``sampling.max_new_tokens`` (no EOS)."""
     mask, used = ro.mask, ro.used_safety
     gated = (used * (1 - ro.is_safety)).sum()
     return {
         "reward_h": float(ro.r_h.mean()), "reward_s": float(ro.r_s.mean()), "reward_c": float(ro.r_c.mean()),
         "safety_scored": float(used.mean()), "gate_share": float(gated / used.sum()) if used.sum() else 0.0,
         "kl": float(kl.sum(1).mean()), "kl_per_token": float(kl.sum() / mask.sum()),
-        "response_length": float(mask.sum(1).mean()),
+        "response_length": float(mask.sum(1).mean()), "truncation_rate": float(1 - ro.finished.mean()),
         "explained_variance": explained_variance(ro.values, returns, mask),
     }
 
 
 def evaluate(accelerator, models: Models, held_out: list[tuple[Prompt, list[int]]], cfg: PPOConfig) -> float:
-    """Mean gated reward R_c of greedy responses to the held-out prompts (all processes)."""
+    """Mean gated reward R_c (truncated responses penalised, as in the rollouts) of greedy
+    responses to the held-out prompts (all processes)."""
     mine = held_out[: cfg.early_stop.max_prompts][accelerator.process_index :: accelerator.num_processes]
     policy = accelerator.unwrap_model(models.policy).eval()
     total = torch.zeros(2, device=accelerator.device)
     if mine:
         with torch.no_grad(), accelerator.autocast():
             samples = generate(policy, [ids for _, ids in mine], [0] * len(mine), models.tokenizer, cfg, greedy=True)
-            r_h, r_s = score_both(models, [p for p, _ in mine], samples.texts, cfg, accelerator.device)
+            r_h, r_s = score_both(models, [p for p, _ in mine], samples, cfg, accelerator.device)
         is_safety = torch.tensor([float(p.is_safety) for p, _ in mine], device=accelerator.device)
         gated = safety_gate(r_h, r_s, is_safety, cfg.gate_threshold)
-        total += torch.stack([gated.reward.sum(), torch.tensor(float(len(mine)), device=accelerator.device)])
+        finished = torch.tensor(samples.finished, device=accelerator.device)
+        reward = penalize_truncated(gated.reward, finished, cfg.missing_eos_penalty)
+        total += torch.stack([reward.sum(), torch.tensor(float(len(mine)), device=accelerator.device)])
     total = accelerator.reduce(total, "sum")
     return float(total[0] / total[1])
 

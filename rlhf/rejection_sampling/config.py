@@ -8,7 +8,8 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from rlhf.config import (
-    POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, ModelConfig, PromptSamplingConfig, StageConfig, Strict,
+    POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, MissingEosPenalty, ModelConfig, PromptSamplingConfig,
+    StageConfig, Strict,
 )
 from sft.config import GenerationDataConfig, ReplayConfig, SFTTrainConfig
 
@@ -78,6 +79,12 @@ class RejectionSamplingConfig(StageConfig):
     data: RejectionSamplingData
     sampling: RejectionSamplingSampling = RejectionSamplingSampling()
     gate_threshold: GateThreshold = 0.15
+    missing_eos_penalty: MissingEosPenalty = None
+    pool_truncated: bool = Field(
+        False, description="Let a sample cut at sampling.max_new_tokens (no EOS) compete for the pool "
+        "(scored without an EOS, lowered by missing_eos_penalty, fine-tuned without an EOS). false: "
+        "only finished samples enter it; a prompt whose K samples were all cut keeps its old entry "
+        "(counted as pool_only_truncated).")
     report: RejectionSamplingReport = RejectionSamplingReport()
     model: ModelConfig = ModelConfig()
     train: SFTTrainConfig = SFTTrainConfig()

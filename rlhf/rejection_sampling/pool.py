@@ -30,11 +30,18 @@ def prompt_key(prompt: Prompt) -> str:
     return "sha1:" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def pool_entry(item: Item, response: str, scores: dict, round_no: int, model: dict, reward_models: dict) -> dict:
-    """A pool row: the prompt record, the response and its scores, which round and model
-    produced it, which reward models scored it."""
-    return {"key": item.key, **to_dict(item.prompt), "response": response, **scores, "round": round_no,
-            "model": model, "reward_models": reward_models}
+def pool_entry(item: Item, response: str, finished: bool, scores: dict, round_no: int, model: dict,
+               reward_models: dict) -> dict:
+    """A pool row: the prompt record, the response (``finished``: it ended with EOS) and its
+    scores, which round and model produced it, which reward models scored it."""
+    return {"key": item.key, **to_dict(item.prompt), "response": response, "finished": finished, **scores,
+            "round": round_no, "model": model, "reward_models": reward_models}
+
+
+def entry_finished(entry: dict) -> bool:
+    """Whether a pool response ended with EOS; pools of earlier versions did not record it, and
+    scored and trained every response as finished."""
+    return entry.get("finished", True)
 
 
 def entry_prompt(entry: dict) -> Prompt:
@@ -53,13 +60,17 @@ def read_pool(stage_dir: Path) -> dict[str, dict]:
     return pool
 
 
-def update_pool(pool: dict[str, dict], best: dict[str, dict]) -> tuple[dict[str, dict], dict[str, int]]:
+def update_pool(pool: dict[str, dict], best: dict[str, dict | None]) -> tuple[dict[str, dict], dict[str, int]]:
     """The pool after a round: a candidate replaces its prompt's entry only if its reward is
-    strictly higher (both scored by the same reward models); new prompts are added."""
+    strictly higher (both scored by the same reward models); new prompts are added. A sampled
+    prompt without a candidate (None: its samples were all truncated) keeps its entry, if any."""
     updated = dict(pool)
-    counts = {"improved": 0, "added": 0, "kept": 0, "not_sampled": len(set(pool) - set(best))}
+    counts = {"improved": 0, "added": 0, "kept": 0, "not_sampled": len(set(pool) - set(best)), "only_truncated": 0}
     for key, candidate in best.items():
         old = pool.get(key)
+        if candidate is None:
+            counts["only_truncated"] += 1
+            continue
         if old is None:
             counts["added"] += 1
         elif candidate["reward"] > old["reward"]:
@@ -72,6 +83,8 @@ def update_pool(pool: dict[str, dict], best: dict[str, dict]) -> tuple[dict[str,
 
 
 def pool_examples(pool: dict[str, dict]) -> list[SFTExample]:
-    """Fine-tuning conversations: each prompt followed by its pool response."""
-    return [SFTExample([*entry_prompt(e).messages, Message("assistant", e["response"])], source="rejection_sampling", id=k)
+    """Fine-tuning conversations: each prompt followed by its pool response (a truncated one
+    trained without an EOS)."""
+    return [SFTExample([*entry_prompt(e).messages, Message("assistant", e["response"])], source="rejection_sampling", id=k,
+                       finished=entry_finished(e))
             for k, e in pool.items()]

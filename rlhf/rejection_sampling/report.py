@@ -1,5 +1,6 @@
 """The rejection sampling report: reward of the best of k samples, max and median, k = 1..K
-(the paper's Fig. 7), per prompt category, and the temperature sweep (Fig. 8)."""
+(the paper's Fig. 7), per prompt category, the temperature sweep (Fig. 8), and how many samples
+were cut at the token limit."""
 
 from __future__ import annotations
 
@@ -67,16 +68,24 @@ def plot_curves(path: Path, curves: dict[str, dict], title: str, median: bool = 
     plt.close(fig)
 
 
+def truncation(samples: dict[str, dict]) -> dict[str, Any]:
+    """How many of the samples were cut at ``max_new_tokens`` (no EOS): samples, truncated, rate."""
+    flags = [f for v in samples.values() for f in v["finished"]]
+    cut = flags.count(False)
+    return {"samples": len(flags), "truncated": cut, "rate": cut / len(flags) if flags else 0.0}
+
+
 def write_report(out: Path, items, samples, scores, sweep_scores, changes, round_no) -> dict:
     """report/summary.json, best_of_k.png (Fig. 7), temperature_sweep.png (Fig. 8);
-    samples.jsonl with every sample's scores."""
+    samples.jsonl with every sample's scores and whether it ended with EOS."""
     write_jsonl_rows(out / "samples.jsonl", [{"key": i.key, "is_safety": i.prompt.is_safety, "responses": samples[i.key]["responses"],
-                                          "scores": scores[i.key]} for i in items])
+                                          "finished": samples[i.key]["finished"], "scores": scores[i.key]} for i in items])
     rewards = {key: [s["reward"] for s in rows] for key, rows in scores.items()}
     curves = {name: average_curves(rewards, keys) for name, keys in prompt_categories(items).items()}
     sweep = {f"{t:g}": average_curves({k: [s["reward"] for s in v] for k, v in sc.items()}, list(sc))
              for t, sc in sweep_scores.items() if sc}
     summary = {"round": round_no, "best_of_k": curves, "temperature_sweep": sweep, "pool": changes,
+               "truncation": truncation(samples),
                "categories_max_at_K": {name: c["max"][-1] for name, c in curves.items()}}
     (out / "report").mkdir(exist_ok=True)
     write_json_atomic(out / "report" / "summary.json", summary)

@@ -5,10 +5,13 @@
    written to ``samples/`` when done, so an interrupted run samples only the buckets left and the
    samples are the same whatever the process count;
 2. score every response with both reward models and gate them (``rlhf.rewards.safety_gate``):
-   R_c = R_s if the prompt is a safety prompt or R_s < threshold, else R_h (probabilities);
+   R_c = R_s if the prompt is a safety prompt or R_s < threshold, else R_h (probabilities); a
+   response cut at ``max_new_tokens`` (no EOS) is scored without an EOS and its R_c lowered by
+   ``missing_eos_penalty`` (``rlhf.rewards.penalize_truncated``);
 3. the pool (``pool``): the previous round's pool (``pool_from``), re-scored under the current reward models
    when they differ from the ones that scored it, keeps each prompt's best response so far; this
-   round's best of K replaces an entry only if its R_c is higher;
+   round's best of K replaces an entry only if its R_c is higher; truncated samples are no
+   candidates unless ``pool_truncated`` (the policy would learn to stop mid-sentence);
 4. report (``report``): the expected max and median R_c of k samples out of the K, k = 1..K, averaged over
    prompts, per prompt category (Fig. 7); an optional temperature sweep (Fig. 8); what the round
    changed in the pool;
@@ -31,16 +34,17 @@ import torch
 
 from reward_model.model import load_reward_model
 from rlhf.artifacts import StageRun, model_dir, read_manifest
+from rlhf.config import RecipeError
 from rlhf.data import Prompt, load_data, read_jsonl_rows, render_prompt, write_jsonl_rows
 from rlhf.generation import length_buckets, row_seed, sample
 from rlhf.models import inference_dtype, load_policy
 from rlhf.progress import Progress
 from rlhf.rejection_sampling.pool import (
-    POOL, Item, entry_prompt, pool_entry, pool_examples, prompt_key, read_pool, update_pool,
+    POOL, Item, entry_finished, entry_prompt, pool_entry, pool_examples, prompt_key, read_pool, update_pool,
 )
 from rlhf.rejection_sampling.config import RejectionSamplingConfig
-from rlhf.rejection_sampling.report import write_report
-from rlhf.rewards import safety_gate
+from rlhf.rejection_sampling.report import truncation, write_report
+from rlhf.rewards import penalize_truncated, safety_gate
 from rlhf.training import make_accelerator
 from sft.stage import fine_tune_generated
 
@@ -79,14 +83,15 @@ def gather_dict(accelerator, mine: dict) -> dict:
 
 def sample_bucket(policy, tokenizer, bucket: Sequence[Item], k: int, temperature: float,
                   cfg: RejectionSamplingConfig, round_no: int) -> dict[str, dict[str, list]]:
-    """key -> {"responses": K texts, "tokens": K lengths}; row j of a prompt is seeded with
-    (seed, key, round, j), so it draws the same tokens in any batch."""
+    """key -> {"responses": K texts, "tokens": K lengths, "finished": K flags (ended with EOS)};
+    row j of a prompt is seeded with (seed, key, round, j), so it draws the same tokens in any batch."""
     rows = [item.ids for item in bucket for _ in range(k)]
     seeds = [row_seed(cfg.seed, item.key, round_no, j) for item in bucket for j in range(k)]
     s = cfg.sampling
     out = sample(policy, tokenizer, rows, seeds, s.max_new_tokens, temperature, s.top_p, batch_size=len(rows))
     return {item.key: {"responses": out.texts[i * k : (i + 1) * k],
-                       "tokens": [len(r) for r in out.response_ids[i * k : (i + 1) * k]]}
+                       "tokens": [len(r) for r in out.response_ids[i * k : (i + 1) * k]],
+                       "finished": out.finished[i * k : (i + 1) * k]}
             for i, item in enumerate(bucket)}
 
 
@@ -106,7 +111,7 @@ def sample_all(accelerator, policy, tokenizer, items: Sequence[Item], k: int, te
             found = sample_bucket(policy, tokenizer, [items[i] for i in buckets[b]], k, temperature, cfg, round_no)
             write_jsonl_rows(path, [{"key": key, **v} for key, v in found.items()])
             generated += sum(sum(v["tokens"]) for v in found.values())
-        mine.update({row["key"]: {"responses": row["responses"], "tokens": row["tokens"]} for row in read_jsonl_rows(path)})
+        mine.update({row.pop("key"): row for row in read_jsonl_rows(path)})
         progress.update(world)
     progress.close()
     return gather_dict(accelerator, mine), int(accelerator.reduce(torch.tensor(generated, device=accelerator.device), "sum"))
@@ -124,43 +129,63 @@ class RewardModels:
 
 
 def score_pairs(accelerator, rms: RewardModels, prompts: Sequence[Prompt], responses: Sequence[str],
-                threshold: float) -> list[dict[str, Any]]:
-    """R_h, R_s (probabilities), R_c and whether the gate chose R_s, per pair; the pairs are
-    split over the processes and gathered."""
+                threshold: float, finished: Sequence[bool] | None = None, penalty: float | None = None) -> list[dict[str, Any]]:
+    """R_h, R_s (probabilities), R_c and whether the gate chose R_s, per pair; a response not
+    ``finished`` (default: all are) is scored without an EOS and its R_c lowered by ``penalty``.
+    The pairs are split over the processes and gathered."""
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(responses), world))
     conversations, texts = [prompts[i].messages for i in mine], [responses[i] for i in mine]
-    helpfulness = rms.helpfulness.probabilities(conversations, texts)  # (n,)
-    safety = rms.safety.probabilities(conversations, texts)  # (n,)
+    ended = [True if finished is None else finished[i] for i in mine]
+    helpfulness = rms.helpfulness.probabilities(conversations, texts, finished=ended)  # (n,)
+    safety = rms.safety.probabilities(conversations, texts, finished=ended)  # (n,)
     gated = safety_gate(helpfulness, safety, torch.tensor([prompts[i].is_safety for i in mine], dtype=torch.bool), threshold)
+    reward = penalize_truncated(gated.reward, torch.tensor(ended, dtype=torch.bool), penalty)  # (n,)
     scores = {i: {"helpfulness": float(h), "safety": float(s), "reward": float(r), "used_safety": bool(u)}
-              for i, h, s, r, u in zip(mine, helpfulness, safety, gated.reward, gated.used_safety)}
+              for i, h, s, r, u in zip(mine, helpfulness, safety, reward, gated.used_safety)}
     scores = gather_dict(accelerator, scores)
     return [scores[i] for i in range(len(responses))]
 
 
 def score_samples(accelerator, rms: RewardModels, items: Sequence[Item], samples: dict[str, dict],
-                  threshold: float) -> dict[str, list[dict]]:
+                  threshold: float, penalty: float | None = None) -> dict[str, list[dict]]:
     """key -> the scores of its K samples, in sample order."""
     prompts = [item.prompt for item in items for _ in samples[item.key]["responses"]]
     responses = [r for item in items for r in samples[item.key]["responses"]]
-    flat = iter(score_pairs(accelerator, rms, prompts, responses, threshold))
+    finished = [f for item in items for f in samples[item.key]["finished"]]
+    flat = iter(score_pairs(accelerator, rms, prompts, responses, threshold, finished, penalty))
     return {item.key: [next(flat) for _ in samples[item.key]["responses"]] for item in items}
 
 
-def best_of(rewards: Sequence[float]) -> int:
-    """Index of the highest reward (the first one on ties)."""
-    return max(range(len(rewards)), key=lambda j: (rewards[j], -j))
+def best_of(rewards: Sequence[float], eligible: Sequence[bool] | None = None) -> int | None:
+    """Index of the highest reward among the ``eligible`` samples (default: all), the first one
+    on ties; None when none is eligible."""
+    candidates = [j for j in range(len(rewards)) if eligible is None or eligible[j]]
+    return max(candidates, key=lambda j: (rewards[j], -j), default=None)
+
+
+def round_best(items: Sequence[Item], samples: dict[str, dict], scores: dict[str, list[dict]], cfg: RejectionSamplingConfig,
+               round_no: int, model: dict, reward_models: dict) -> dict[str, dict | None]:
+    """key -> the pool entry of its best sample this round; None when all its samples were
+    truncated and ``pool_truncated`` is off."""
+    best: dict[str, dict | None] = {}
+    for item in items:
+        s = samples[item.key]
+        j = best_of([x["reward"] for x in scores[item.key]], None if cfg.pool_truncated else s["finished"])
+        best[item.key] = None if j is None else pool_entry(item, s["responses"][j], s["finished"][j], scores[item.key][j],
+                                                            round_no, model, reward_models)
+    return best
 
 
 # ---------------------------------------------------------------------------------------------
 # 3. The best-so-far pool (``pool``): re-scored when the reward models changed
 
 
-def rescore_stale(accelerator, rms: RewardModels, pool: dict[str, dict], threshold: float) -> int:
+def rescore_stale(accelerator, rms: RewardModels, pool: dict[str, dict], threshold: float, penalty: float | None = None) -> int:
     """Re-score, in place, the entries that other reward models scored; returns how many."""
     stale = [key for key, entry in pool.items() if entry.get("reward_models") != rms.fingerprints]
-    scores = score_pairs(accelerator, rms, [entry_prompt(pool[k]) for k in stale], [pool[k]["response"] for k in stale], threshold)
+    scores = score_pairs(accelerator, rms, [entry_prompt(pool[k]) for k in stale], [pool[k]["response"] for k in stale],
+                         threshold, [entry_finished(pool[k]) for k in stale], penalty)
     for key, new in zip(stale, scores):
         pool[key] = {**pool[key], **new, "reward_models": rms.fingerprints}
     return len(stale)
@@ -191,19 +216,20 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     _free_memory()
     # 2. score every sample with both reward models, gated; 3. re-score the old pool if needed
     rms = _load_reward_models(cfg, stage, accelerator.device, dtype)
-    scores = score_samples(accelerator, rms, items, samples, cfg.gate_threshold)
-    sweep_scores = {t: score_samples(accelerator, rms, sweep_items, s, cfg.gate_threshold) for t, s in sweep.items()}
-    rescored = rescore_stale(accelerator, rms, previous, cfg.gate_threshold)
+    penalty = cfg.missing_eos_penalty
+    scores = score_samples(accelerator, rms, items, samples, cfg.gate_threshold, penalty)
+    sweep_scores = {t: score_samples(accelerator, rms, sweep_items, s, cfg.gate_threshold, penalty) for t, s in sweep.items()}
+    rescored = rescore_stale(accelerator, rms, previous, cfg.gate_threshold, penalty)
     reward_models = rms.fingerprints
     del rms
     _free_memory()
     model = {"path": str(cfg.policy_from), "fingerprint": stage.inputs["policy_from"]["fingerprint"]}
-    best = {}
-    for item in items:
-        j = best_of([s["reward"] for s in scores[item.key]])
-        best[item.key] = pool_entry(item, samples[item.key]["responses"][j], scores[item.key][j], round_no, model, reward_models)
-    pool, changes = update_pool(previous, best)
+    pool, changes = update_pool(previous, round_best(items, samples, scores, cfg, round_no, model, reward_models))
     changes["rescored"] = rescored
+    if not pool and changes["only_truncated"]:
+        raise RecipeError(f"sampling.max_new_tokens: all {len(items) * cfg.sampling.k} samples were cut at "
+                          f"{cfg.sampling.max_new_tokens} tokens (no EOS), so the pool is empty; raise it, or set "
+                          "pool_truncated: true to fine-tune on truncated answers")
     # 4. report (before training, so a long fine-tuning run can be watched with it)
     summary = write_report(stage.dir, items, samples, scores, sweep_scores, changes, round_no) if accelerator.is_main_process else {}
     if accelerator.is_main_process:
@@ -219,6 +245,7 @@ def run(cfg: RejectionSamplingConfig) -> Path:
         "pool_size": len(pool), "pool_reward_mean": _mean(e["reward"] for e in pool.values()),
         **{f"pool_{k}": v for k, v in changes.items()},
         "response_tokens_mean": tokens / max(1, len(items) * cfg.sampling.k),
+        "truncation_rate": truncation(samples)["rate"],
         "sampling_tokens_per_s": generated / sampling_s if generated else None,
         **train_metrics,
     }
