@@ -18,3 +18,19 @@ def test_fig11_axes_use_each_reward_model_on_its_own_prompts():
              "combined": torch.tensor([0.5, 0.5, 0.5]), "is_safety": mine["is_safety"]}
     # helpfulness: prompt 0 only (0.9 > 0.5) -> 1.0; safety: prompts 1, 2 (0.9 > 0.5, 0.1 < 0.5) -> 0.5
     assert _compare(mine, other) == pytest.approx({"overall": 2 / 3, "helpfulness": 1.0, "safety": 0.5})
+
+
+def test_truncated_answers_are_scored_as_unfinished():
+    from rlhf.data import Message, Prompt
+    from rlhf.evaluate.stage import _scores
+
+    class RM:
+        def probabilities(self, messages, texts, finished=None):
+            self.finished = finished
+            return torch.tensor([0.9 if f else 0.1 for f in finished])
+
+    prompts = [Prompt([Message("user", "a")]), Prompt([Message("user", "b")], is_safety=True)]
+    rms = {"helpfulness": RM(), "safety": RM()}
+    scores = _scores(prompts, {"texts": ["x", "y"], "finished": [True, False]}, rms, 0.15)
+    assert rms["helpfulness"].finished == rms["safety"].finished == [True, False]
+    assert scores["combined"].tolist() == pytest.approx([0.9, 0.1])

@@ -55,7 +55,7 @@ def _responses(path: Path, prompts: list[Prompt], cfg: EvaluateConfig, baseline,
         kl -= logprob(partial(policy_logprobs, PackedPolicy(baseline), temperature=cfg.kl_temperature))
         gold, gold_sampled = _gold(model, tokenizer, prompts, prompt_ids, answers.texts, cfg)
     lengths = [len(r) for r in answers.response_ids]
-    return {"texts": answers.texts, "lengths": lengths, "kl": float(kl.sum(-1).mean()),
+    return {"texts": answers.texts, "finished": answers.finished, "lengths": lengths, "kl": float(kl.sum(-1).mean()),
             "gold": gold, "gold_sampled": gold_sampled}
 
 
@@ -69,10 +69,12 @@ def _gold(model, tokenizer, prompts: list[Prompt], prompt_ids, texts: list[str],
     return summarize(prompts, texts), sampled
 
 
-def _scores(prompts: list[Prompt], texts: list[str], rms: dict, threshold: float) -> dict[str, torch.Tensor]:
-    messages = [p.messages for p in prompts]
-    help_ = rms["helpfulness"].probabilities(messages, texts)
-    safe = rms["safety"].probabilities(messages, texts)
+def _scores(prompts: list[Prompt], answers: dict, rms: dict, threshold: float) -> dict[str, torch.Tensor]:
+    """Both rewards and R_c of ``answers`` (``_responses``): a truncated answer is read without
+    the EOS it never generated."""
+    messages, texts, finished = [p.messages for p in prompts], answers["texts"], answers["finished"]
+    help_ = rms["helpfulness"].probabilities(messages, texts, finished=finished)
+    safe = rms["safety"].probabilities(messages, texts, finished=finished)
     is_safety = torch.tensor([p.is_safety for p in prompts])
     gated = safety_gate(help_, safe, is_safety, threshold)
     return {"helpfulness": help_, "safety": safe, "combined": gated.reward, "is_safety": is_safety}
@@ -99,14 +101,14 @@ def run(cfg: EvaluateConfig) -> Path:
     results: dict[str, dict] = {}
     for name, path in cfg.policies.items():
         out = _responses(path, prompts, cfg, baseline, device)
-        results[name] = {**out, "scores": _scores(prompts, out["texts"], rms, cfg.gate_threshold)}
+        results[name] = {**out, "scores": _scores(prompts, out, rms, cfg.gate_threshold)}
         progress.update(1, policy=name)
     same = [name for name, path in cfg.policies.items() if Path(path) == Path(baseline_path)]
     if same:
         baseline_scores = results[same[0]]["scores"]
     else:
-        texts = _responses(baseline_path, prompts, cfg, baseline, device)["texts"]
-        baseline_scores = _scores(prompts, texts, rms, cfg.gate_threshold)
+        answers = _responses(baseline_path, prompts, cfg, baseline, device)
+        baseline_scores = _scores(prompts, answers, rms, cfg.gate_threshold)
     summary = {"baseline": str(baseline_path), "prompts": len(prompts), "policies": {}}
     previous = None
     for name, res in results.items():
@@ -123,6 +125,7 @@ def run(cfg: EvaluateConfig) -> Path:
             "win_rate_vs_previous": vs_prev.get("overall"),
             "kl_from_baseline": res["kl"],
             "response_length": sum(res["lengths"]) / max(1, len(res["lengths"])),
+            "truncation_rate": 1 - sum(res["finished"]) / max(1, len(res["finished"])),
             "gold": res["gold"],
             "gold_sampled": res["gold_sampled"],
         }
