@@ -1,4 +1,4 @@
-"""The reward of the method (METHOD.md sec. 5) as small pure functions on tensors.
+"""The reward of the method (Llama 2, Sec. 3.2.3) as small pure functions on tensors.
 
     R_c = R_s  if IS_SAFETY(p) or R_s < threshold  else R_h        (probability scale)
     R_c = SIGMOID(LOGIT(R_c) - missing_eos_penalty)  for a response cut at the token limit
