@@ -8,6 +8,11 @@ built from a causal-LM checkpoint by moving the loaded LM's backbone into it rat
 input/output embeddings once (as ``lm_head.weight``) would leave the classifier's input
 embeddings randomly initialised that way.
 
+A policy's samples are read as it generated them (``score_generated``: its prompt and response
+ids) by a reward model that shares its tokens (``reads_tokens_of``: vocabulary, EOS, chat
+template), else decoded and re-rendered (``score``), which changes the ids wherever the text does
+not re-tokenize to them (``scoring``, ``sample_probabilities``).
+
 ``RewardModel`` wraps those weights with a packed forward: sequences share rows with restarting
 position ids (``rlhf.packing``) and each sequence's reward is read at its last token, so chosen
 and rejected are scored in one forward. Rows are as long as the longest sequence (``pack_rows``):
@@ -17,6 +22,7 @@ by the sdpa and eager kernels, costs no more than one padded sequence would.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +44,14 @@ def response_ids(prompt: Sequence[Message], response: str, tokenizer: Any, templ
     EOS closing it when it was not ``finished`` (cut at the token limit: ``chat.unfinished``)."""
     rendered = render([*prompt, Message("assistant", response)], tokenizer, template)
     return (rendered if finished else unfinished(rendered, tokenizer.eos_token_id)).ids
+
+
+def answer_close(tokenizer: Any, template: str) -> list[int] | None:
+    """The ids ``template`` puts after the EOS that closes an answer (llama2: none); None when
+    it closes answers without an EOS, so a generated answer cannot be closed as it would be."""
+    full = render([Message("user", "a"), Message("assistant", "b")], tokenizer, template)
+    cut = unfinished(full, tokenizer.eos_token_id)
+    return None if cut.ids == full.ids else full.ids[len(cut.ids) + 1 :]
 
 
 def classifier_pad_id(tokenizer: Any) -> int:
@@ -115,6 +129,24 @@ class RewardModel(torch.nn.Module):
         ``max_length`` tokens."""
         return response_ids(prompt, response, self.tokenizer, self.template, finished)[-self.max_length :]
 
+    def reads_tokens_of(self, tokenizer: Any, template: str) -> bool:
+        """Whether this model reads a policy's samples as they were generated: the policy has
+        this model's vocabulary and EOS and renders its prompts with this model's ``template``,
+        which closes an answer with EOS (as a finished sample ends)."""
+        return (template == self.template and tokenizer.eos_token_id == self.tokenizer.eos_token_id
+                and tokenizer.get_vocab() == self.tokenizer.get_vocab() and self._close is not None)
+
+    @functools.cached_property
+    def _close(self) -> list[int] | None:
+        return answer_close(self.tokenizer, self.template)
+
+    def encode_generated(self, prompt_ids: Sequence[int], response_ids: Sequence[int], finished: bool = True) -> list[int]:
+        """A sampled response as generated: the prompt's ids and the response's (ending with its
+        EOS when ``finished``), closed as ``template`` closes an answer when finished, cut to the
+        last ``max_length`` tokens. ``encode`` of the decoded text, where it re-tokenizes to the
+        generated ids (``reads_tokens_of``)."""
+        return [*prompt_ids, *response_ids, *(self._close if finished else [])][-self.max_length :]
+
     @torch.no_grad()
     def score_ids(self, seqs: Sequence[Sequence[int]], batch_tokens: int = 8192) -> torch.Tensor:
         """Rewards (N,) of token sequences: longest first, about ``batch_tokens`` tokens a forward."""
@@ -134,6 +166,16 @@ class RewardModel(torch.nn.Module):
         finished = [True] * len(responses) if finished is None else finished
         return self.score_ids([self.encode(p, r, f) for p, r, f in zip(prompts, responses, finished)], batch_tokens)
 
+    def score_generated(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                        finished: Sequence[bool] | None = None, batch_tokens: int = 8192) -> torch.Tensor:
+        """Reward logits r (N,) of responses as a policy with this model's tokens generated them
+        (``encode_generated``; ``finished`` as in ``score``)."""
+        if len(prompt_ids) != len(response_ids):
+            raise ValueError(f"score_generated: {len(prompt_ids)} prompts but {len(response_ids)} responses")
+        finished = [True] * len(response_ids) if finished is None else finished
+        return self.score_ids([self.encode_generated(p, r, f) for p, r, f in zip(prompt_ids, response_ids, finished)],
+                              batch_tokens)
+
     def probabilities(self, prompts: Sequence[Sequence[Message]], responses: Sequence[str], batch_tokens: int = 8192,
                       finished: Sequence[bool] | None = None) -> torch.Tensor:
         """sigmoid(r) (N,): the scale of the PPO safety gate."""
@@ -151,6 +193,23 @@ class RewardModel(torch.nn.Module):
     def merge_and_unload(self) -> "RewardModel":
         """LoRA adapters merged into the weights (the head was trained in full)."""
         return RewardModel(self.model.merge_and_unload(), self.tokenizer, self.template, self.max_length)
+
+
+def scoring(rms: dict[str, RewardModel], tokenizer: Any, template: str) -> dict[str, str]:
+    """name -> how that reward model scores the samples of a policy with ``tokenizer`` and
+    ``template``: "generated_ids" (``score_generated``) where it shares the policy's tokens, else
+    "text" (decoded and re-rendered, ``score``); a stage's manifest records it (``reward_scoring``)."""
+    return {name: "generated_ids" if rm.reads_tokens_of(tokenizer, template) else "text" for name, rm in rms.items()}
+
+
+def sample_probabilities(rm: RewardModel, way: str, prompts: Sequence[Sequence[Message]], texts: Sequence[str],
+                         finished: Sequence[bool], prompt_ids: Sequence[Sequence[int]] | None = None,
+                         response_ids: Sequence[Sequence[int]] | None = None, batch_tokens: int = 8192) -> torch.Tensor:
+    """sigmoid(r) (N,) of a policy's samples, read the ``way`` ``scoring`` says: from the
+    generated ids (prompt ids, response ids) or from the texts."""
+    if way == "generated_ids":
+        return torch.sigmoid(rm.score_generated(prompt_ids, response_ids, finished, batch_tokens))
+    return rm.probabilities(prompts, texts, batch_tokens=batch_tokens, finished=finished)
 
 
 def load_reward_model(path: str | Path, device: str | torch.device | None = None, **load_kwargs: Any) -> RewardModel:

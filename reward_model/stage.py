@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf.artifacts import StageRun, model_dir
+from rlhf.chat_template import warn_chat_format
 from rlhf.models import load_tokenizer
 from rlhf.training import make_accelerator, prepare_model, save_model, train_loop
 from reward_model.config import RewardModelConfig
@@ -33,6 +34,7 @@ def run(cfg: RewardModelConfig) -> Path:
     model = RewardModel(hf, tokenizer, cfg.data.template, cfg.data.max_length)
     # 2. data: held-out pairs of each source set aside, the rest mixed, tokenized once
     data, tests = load_pairs(cfg.data, cfg.seed)
+    warn_chat_format(accelerator.print, cfg.stage, tokenizer, cfg.data.template, data.records, cfg)
     items, counts = build_pairs(data.records, tokenizer, cfg.data, cfg.loss)
     drawn = data.parts or {name: c["used"] for name, c in data.sources.items()}
     accelerator.print(
@@ -41,7 +43,7 @@ def run(cfg: RewardModelConfig) -> Path:
     )
     # 3. train, then save the model in Hugging Face format
     metrics = train_loop(run, model, items, collate, rm_loss, cfg.train, cfg.seed, accelerator, desc="reward_model")
-    save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora)
+    save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora, cfg.data.template)
     # 4. evaluate the saved model on held-out and test pairs
     results = evaluate(cfg, run.dir, tests, accelerator.device) if accelerator.is_main_process and tests else {}
     accelerator.wait_for_everyone()

@@ -30,11 +30,13 @@ from typing import Any
 import yaml
 
 from rlhf.config import StageConfig
+from rlhf.model_card import CARD, model_card, needs_card
+from rlhf.tracking import TENSORBOARD_DIR, WANDB_DIR
 
 MANIFEST = "manifest.json"
 LOCK = "running.lock"
 # Written by the toolkit while a stage runs; not part of the output fingerprint.
-_VOLATILE = {MANIFEST, LOCK, "metrics.jsonl", "config.yaml", "inputs.json", "checkpoints"}
+_VOLATILE = {MANIFEST, LOCK, "metrics.jsonl", "config.yaml", "inputs.json", "checkpoints", TENSORBOARD_DIR, WANDB_DIR}
 _PACKAGES = ("rlhf-toolkit", "torch", "transformers", "trl", "peft", "accelerate", "datasets")
 # Our own passing names: ``.NAME.tmpPID`` (a file before its atomic rename) and ``.trash-NAME-PID``
 # (a tree renamed away before it is deleted). A kill can leave them; they never count as content.
@@ -211,9 +213,10 @@ def fingerprint(path: Path) -> str:
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((Path(stage_dir) / MANIFEST).read_text())
+        manifest = json.loads((Path(stage_dir) / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def resolve_input(field: str, path: Path, kinds: tuple[str, ...]) -> Path:
@@ -291,7 +294,8 @@ def release_lock(directory: Path) -> None:
     path = Path(directory).resolve() / LOCK
     fd = _HELD.pop(path, None)
     if fd is not None:
-        path.unlink(missing_ok=True)  # before unlocking: nobody may lock a file on its way out
+        if _same_file(fd, path):  # not when the directory was moved aside with the lock in it
+            path.unlink()  # before unlocking: nobody may lock a file on its way out
         os.close(fd)
 
 
@@ -308,9 +312,10 @@ def locked(directory: Path):
 
 def _same_file(fd: int, path: Path) -> bool:
     try:
-        return os.fstat(fd).st_ino == path.stat().st_ino
+        mine, there = os.fstat(fd), path.stat()
     except FileNotFoundError:
         return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def _holder(path: Path) -> str:
@@ -385,8 +390,9 @@ def _contents(inputs: dict[str, dict[str, str]]) -> dict[str, str]:
 class StageRun:
     """The life of one stage directory: ``start`` it, ``log`` metrics, ``finish`` it.
 
-    Starting checks every input, sets aside (renames, never deletes) an earlier run of a
-    different config or inputs, and keeps checkpoints of the same config for resuming.
+    Starting checks every input, locks the directory (one run writes it at a time), sets aside
+    (renames, never deletes) an earlier run of a different config or inputs, and keeps
+    checkpoints of the same config for resuming. A directory that is not ours is refused.
     """
 
     def __init__(self, cfg: StageConfig):
@@ -402,55 +408,69 @@ class StageRun:
 
     def start(self) -> "StageRun":
         if self.main:
-            self._set_aside_stale_run()
+            check_output_dir(self.dir, self.cfg.stage)
             self.dir.mkdir(parents=True, exist_ok=True)
+            hold_lock(self.dir)
+            if self._set_aside_stale_run():
+                self.dir.mkdir()
+                hold_lock(self.dir)
+            remove_trash(self.dir)
             config = self.cfg.model_dump(mode="json")
             header = f"# config_hash: {self.cfg.config_hash()}\n"
-            (self.dir / "config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
-            (self.dir / "inputs.json").write_text(json.dumps(self.inputs, indent=2))
-            write_json_atomic(
-                self.dir / LOCK, {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
-            )
+            write_text_atomic(self.dir / "config.yaml", header + yaml.safe_dump(config, sort_keys=False))
+            write_json_atomic(self.dir / "inputs.json", self.inputs)
         return self
 
-    def _set_aside_stale_run(self) -> None:
-        if not self.dir.exists() or not any(self.dir.iterdir()):
-            return
+    def _set_aside_stale_run(self) -> bool:
+        """Move an earlier run of another config or inputs aside; True when it did."""
+        if all(p.name == LOCK or is_temp(p.name) for p in self.dir.iterdir()):
+            return False
         same_config = (self.dir / "config.yaml").exists() and (self.dir / "config.yaml").read_text(
         ).startswith(f"# config_hash: {self.cfg.config_hash()}\n")
         try:
             same_inputs = _contents(json.loads((self.dir / "inputs.json").read_text())) == _contents(self.inputs)
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError, KeyError):
             same_inputs = False
         if same_config and same_inputs and read_manifest(self.dir) is None:
-            return  # an interrupted run of this very config: resume from its checkpoints
+            return False  # an interrupted run of this very config: resume from its checkpoints
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = self.dir.with_name(f"{self.dir.name}.superseded-{stamp}")
         for n in range(1, 1000):
             if not aside.exists():
                 break
             aside = self.dir.with_name(f"{self.dir.name}.superseded-{stamp}-{n}")
-        os.replace(self.dir, aside)
+        os.replace(self.dir, aside)  # still locked: nobody else can be writing either directory
+        release_lock(self.dir)  # the lock file went aside with it; it is removed there
+        (aside / LOCK).unlink(missing_ok=True)
         print(f"[rlhf] {self.dir}: earlier run of a different config or inputs moved to {aside}")
+        return True
 
     def log(self, step: int, **metrics: Any) -> None:
         if self.main:
-            with open(self.dir / "metrics.jsonl", "a") as fh:
+            path = self.dir / "metrics.jsonl"
+            with writing(path), open(path, "a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}, default=float) + "\n")
 
     def truncate_metrics(self, step: int) -> None:
-        """On resume: forget what was logged after the checkpoint, it will be logged again."""
+        """On resume: forget what was logged after the checkpoint, it will be logged again, and a
+        line a kill or a full disk left half written."""
         path = self.dir / "metrics.jsonl"
         if self.main and path.exists():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in keep))
+            lines = path.read_text(errors="replace").splitlines()
+            rows = [_metrics_row(line) for line in lines]
+            for number, row in enumerate(rows, start=1):
+                if row is None:
+                    print(f"[rlhf] {path}:{number}: not a whole metrics line (a write was cut short); dropped")
+            keep = [line for line, row in zip(lines, rows) if row is not None and row["step"] <= step]
+            write_text_atomic(path, "".join(line + "\n" for line in keep))
 
     def finish(self, metrics: dict[str, Any], **extra: Any) -> Path:
-        """Write the manifest last; drop the checkpoints once the outputs are in place and no
-        process reads them any more."""
+        """Write the manifest last, then drop the checkpoints (a kill in between leaves a complete
+        stage, not one to retrain); both once no process reads them any more."""
         wait_for_everyone()
         if self.main:
-            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            if needs_card(self.dir / "model"):  # its model card, fingerprinted with the model
+                write_text_atomic(self.dir / "model" / CARD, model_card(self.cfg, self.inputs, metrics, extra, self.dir))
             manifest = {
                 "stage": self.cfg.stage,
                 "status": "complete",
@@ -465,5 +485,30 @@ class StageRun:
                 "fingerprint": _hash_files(self.dir, skip=_VOLATILE),
             }
             write_json_atomic(self.dir / MANIFEST, manifest)
-            (self.dir / LOCK).unlink(missing_ok=True)
+            remove_tree(self.checkpoints)
+            release_lock(self.dir)
         return self.dir
+
+
+def _metrics_row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
+def check_output_dir(path: Path, stage: str) -> None:
+    """Refuse an output directory a run must not write: a file, the working directory (or one
+    above it), or an existing directory that is not ours (a user's own folder is never moved)."""
+    field = f"output_dir: {path}"
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{field}: is a file, not a directory; choose another output_dir")
+    here = Path.cwd().resolve()
+    if path.resolve() == here or path.resolve() in here.parents:
+        raise InputError(f"{field}: is the current directory (or holds it); a stage needs a directory "
+                         f"of its own, e.g. output_dir=runs/{stage}")
+    if path.is_dir() and not is_ours(path):
+        raise InputError(f"{field}: exists and is not a stage directory (it has no manifest.json or "
+                         "config.yaml written by rlhf), so it was left untouched; choose another "
+                         f"output_dir, e.g. output_dir={path / stage}")

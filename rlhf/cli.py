@@ -4,6 +4,7 @@ every subcommand imports what it needs when it runs."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -119,6 +120,7 @@ def _add_round_commands(sub) -> None:
 def _cmd_eval_rm(args: argparse.Namespace) -> int:
     from rlhf.stages import command
 
+    _must_exist(Path(args.model_dir), Path(args.data))
     print_json(command("eval-rm")(args.model_dir, args.data, args.format, args.threshold, args.max_pairs, args.out))
     return 0
 
@@ -131,9 +133,18 @@ def _cmd_eval_gold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _must_exist(*paths: Path) -> None:
+    from rlhf.artifacts import InputError
+
+    for path in paths:
+        if not path.exists():
+            raise InputError(f"{path}: no such file or directory")
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from rlhf.report import write_report
 
+    _must_exist(args.dir)
     write_report(args.dir)
     return 0
 
@@ -209,11 +220,11 @@ def _cmd_data_validate(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean a user mistake: print the message, exit 2, no traceback."""
-    from rlhf.artifacts import InputError
+    from rlhf.artifacts import Diverged, DiskFull, InputError
     from rlhf.config import RecipeError
     from rlhf.data import DataError
 
-    return RecipeError, InputError, DataError
+    return RecipeError, InputError, DataError, DiskFull, Diverged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if isinstance(exc, _user_errors()):
             print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # a write no rlhf.artifacts.writing covers
+            print(f"error: no space left on the device of {exc.filename or 'the output directory'}; free space "
+                  "and run the same command again", file=sys.stderr)
             return EXIT_USER_ERROR
         raise
 

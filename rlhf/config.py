@@ -20,11 +20,16 @@ class RecipeError(Exception):
 
 
 class Strict(BaseModel):
-    """Base of every config model: unknown keys are errors."""
+    """Base of every config model: unknown keys are errors, and so are non-finite numbers
+    (``lr: .inf`` would train to NaN weights, ``epochs: 1e400`` is inf)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
+
+# How a stage is logged, not what it computes: outside the config hash (and the model card).
+TRACKING_KEYS = ("report_to", "wandb_project", "run_name")
+Tracker = Literal["tensorboard", "wandb"]
 
 # Stages whose output is a policy (a causal LM) another stage may start from; "hf" is a plain
 # Hugging Face checkpoint directory.
@@ -140,7 +145,12 @@ class StageConfig(Strict):
     stage: str
     output_dir: Path = Path("runs/stage")
     seed: int = 0
-    report_to: list[Literal["tensorboard", "wandb"]] = []
+    report_to: list[Tracker] = Field(
+        [], description="Also log to TensorBoard and/or W&B (when installed): the resolved config, then "
+        "the metrics; their files go in the stage directory (tensorboard/, wandb/).")
+    wandb_project: str = Field("rlhf", description="W&B project (a pipeline's stages default to its name).")
+    run_name: str | None = Field(None, description="The trackers' run name; default: `<pipeline>/<stage "
+                                 "name>` in a pipeline, else the output directory's name.")
 
     @model_validator(mode="before")
     @classmethod
@@ -172,7 +182,7 @@ class StageConfig(Strict):
     def config_hash(self) -> str:
         """Hash of the resolved config, without where it is written or how it is logged, and
         without where its inputs lie: they are compared by content (``input_paths``)."""
-        data = self.model_dump(mode="json", exclude={"output_dir", "report_to"})
+        data = self.model_dump(mode="json", exclude={"output_dir", *TRACKING_KEYS})
         for key in self.input_paths():
             *parents, last = key.split(".")
             node = data
@@ -204,6 +214,17 @@ def get_dotted(obj: Any, key: str) -> Any:
     return obj
 
 
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Groups as dotted keys, lists as values: {"train": {"lr": 1e-5}} -> {"train.lr": 1e-5}."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 
 def placeholders(text: str) -> set[str]:
     """The ``{name}`` fields of a format string: "Act as {value}." -> {"value"}."""
@@ -221,6 +242,7 @@ def describe(value: Any) -> str:
 _EXPECTED = {
     "float_parsing": "expected a number",
     "float_type": "expected a number",
+    "finite_number": "expected a finite number",
     "int_parsing": "expected an integer",
     "int_type": "expected an integer",
     "int_from_float": "expected an integer",

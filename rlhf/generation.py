@@ -184,17 +184,27 @@ def sample(
     return Samples(responses, texts, [bool(r) and r[-1] == tokenizer.eos_token_id for r in responses])
 
 
+def truncation(finished: Sequence[bool]) -> dict[str, Any]:
+    """How many answers were cut at ``max_new_tokens`` (no EOS): samples, truncated, rate.
+
+    [True, False, True, True] -> {"samples": 4, "truncated": 1, "rate": 0.25}"""
+    cut = list(finished).count(False)
+    return {"samples": len(finished), "truncated": cut, "rate": cut / len(finished) if finished else 0.0}
+
+
 # A sampler answers a batch of conversations (each ending with a user turn); ``keys`` name each
-# one (its random stream), so a conversation gets the same answer whatever batch it is in.
-Sampler = Callable[[list[list[Message]], list[str]], list[str]]
+# one (its random stream), so a conversation gets the same answer whatever batch it is in. Its
+# ``Samples`` say which answers finished: one cut at ``max_new_tokens`` is neither scored nor
+# trained on as a finished answer.
+Sampler = Callable[[list[list[Message]], list[str]], Samples]
 
 
 def make_sampler(model, tokenizer, cfg: SamplingConfig, template: str, seed: int) -> Sampler:
     """Answers from ``model`` (``rlhf.generation``), conversation ``key`` drawing from its own
     seeded stream."""
-    def sampler(conversations: list[list[Message]], keys: list[str]) -> list[str]:
+    def sampler(conversations: list[list[Message]], keys: list[str]) -> Samples:
         ids = [render_prompt(c, tokenizer, template) for c in conversations]
         seeds = [row_seed(seed, key) for key in keys]
-        return sample(model, tokenizer, ids, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size).texts
+        return sample(model, tokenizer, ids, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
 
     return sampler

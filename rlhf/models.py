@@ -6,16 +6,16 @@ named size).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from rlhf.artifacts import model_dir
+from rlhf.artifacts import InputError, model_dir
+from rlhf.data.chat import CHAT_MARKERS
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
-# The Llama 2 chat markers become single tokens (the renderer writes them as text).
-CHAT_MARKERS = ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"]
 
 # Llama-architecture sizes: (hidden, layers, attention heads, key/value heads, MLP width).
 SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -26,11 +26,25 @@ SIZES: dict[str, tuple[int, int, int, int, int]] = {
 }
 
 
+@contextmanager
+def _loading(source: Path, what: str):
+    """A damaged or incomplete model directory becomes an InputError naming it, not a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, EOFError, SafetensorError) as exc:  # what transformers raises for them
+        first = next(iter(str(exc).splitlines()), "")
+        raise InputError(f"{source}: cannot load {what} ({type(exc).__name__}: {first}); expected a Hugging Face "
+                         "model directory (config.json, weights, tokenizer files) or a finished stage") from None
+
+
 def load_tokenizer(path: str | Path):
     """A tokenizer from a local directory, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
+    with _loading(Path(path), "its tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -43,8 +57,14 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     from transformers import AutoModelForCausalLM
 
     source = model_dir(Path(path))
+    if not source.is_dir():  # transformers would take the path for a hub repo id
+        gone = f"; {path} is a finished stage whose model/ is gone: run that stage again" if source != Path(path) else ""
+        raise InputError(f"{source}: no such directory{gone}")
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True, **kwargs)
+    with _loading(source, "a causal LM"):
+        # from its absolute path: a LoRA adapter trained on it records that path as its base, so
+        # the adapter loads (AutoPeftModelForCausalLM) from any working directory
+        model = AutoModelForCausalLM.from_pretrained(source.resolve(), dtype=dtype, local_files_only=True, **kwargs)
     return model.to(device).eval(), load_tokenizer(source)
 
 
@@ -78,7 +98,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         clean_up_tokenization_spaces=False,
     )
-    tokenizer.add_tokens(CHAT_MARKERS)
+    tokenizer.add_tokens(list(CHAT_MARKERS))  # single tokens (the renderer writes them as text)
     return tokenizer
 
 

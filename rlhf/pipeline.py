@@ -13,7 +13,9 @@ from typing import Any
 
 import yaml
 
-from rlhf.artifacts import is_main_process, is_up_to_date, read_manifest, release_lock, stage_state, wait_for_everyone
+from rlhf.artifacts import (
+    is_main_process, is_up_to_date, read_manifest, release_lock, remove_trash, stage_state, wait_for_everyone,
+)
 from rlhf.config import StageConfig
 from rlhf.recipe import Pipeline
 
@@ -26,6 +28,7 @@ def run_stage(cfg: StageConfig, name: str | None = None) -> Path:
     label = name or cfg.stage
     if is_up_to_date(cfg):
         if is_main_process():
+            remove_trash(cfg.output_dir)  # checkpoints a kill left half deleted after the manifest
             print(f"[rlhf] {label}: complete, inputs and config unchanged; skipped")
         return Path(cfg.output_dir)
     if is_main_process():

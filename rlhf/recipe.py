@@ -18,7 +18,8 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, Field, model_validator
 
-from rlhf.config import RecipeError, StageConfig, Strict, describe, validate
+from rlhf.config import RecipeError, StageConfig, Strict, Tracker, describe, validate
+from rlhf.tracking import tracking_defaults
 
 # ---------------------------------------------------------------------------------------------
 # Pipelines
@@ -42,7 +43,10 @@ class PipelineConfig(Strict):
     pipeline: str = "pipeline"
     output_dir: Path = Path("runs/pipeline")
     report: bool = False  # write the progress report (rlhf report) at the end
-    stages: list[PipelineStage]
+    report_to: list[Tracker] = Field([], description="report_to of every stage that does not set its own.")
+    wandb_project: str | None = Field(None, description="wandb_project of every stage that does not set its "
+                                      "own; default: the pipeline's name.")
+    stages: list[PipelineStage] = Field(min_length=1)
 
 
 class Pipeline(Strict):
@@ -59,7 +63,19 @@ class Pipeline(Strict):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``)."""
+    """SafeLoader that reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``) and refuses a key
+    given twice in one mapping (PyYAML keeps the last silently: a second ``train:`` group would
+    replace the whole first one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in this mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -171,7 +187,8 @@ def _load_pipeline(path: Path, data: dict[str, Any], overrides: list[str]) -> Pi
         else:
             apply_overrides(data, [text])
     cfg: PipelineConfig = validate(PipelineConfig, data, str(path))
-    stages = resolve_stages(cfg.stages, cfg.output_dir, path, per_stage)
+    track = tracking_defaults(cfg.pipeline, cfg.report_to, cfg.wandb_project or cfg.pipeline)
+    stages = resolve_stages(cfg.stages, cfg.output_dir, path, per_stage, edit=track)
     return Pipeline(config=cfg, stages=stages)
 
 

@@ -26,12 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from contextlib import nullcontext
+
 import yaml
 from pydantic import Field
 
-from rlhf.artifacts import is_main_process, now, read_manifest, write_json_atomic
-from rlhf.config import RecipeError, StageConfig, Strict, validate
+from rlhf.artifacts import InputError, is_main_process, locked, now, read_manifest, write_json_atomic
+from rlhf.config import RecipeError, StageConfig, Strict, Tracker, validate
 from rlhf.recipe import Pipeline, PipelineConfig, PipelineStage, apply_overrides, read_yaml, resolve_stages
+from rlhf.tracking import tracking_defaults
 
 BatchKind = Literal["helpfulness", "safety"]
 ROUND_RECIPE = "round.yaml"
@@ -41,11 +44,14 @@ class RoundConfig(Strict):
     """A round recipe (see the module docstring)."""
 
     initial_policy: Path = Field(description="Stage directory (or HF model dir) round 1 starts from")
-    stages: list[PipelineStage]
+    stages: list[PipelineStage] = Field(min_length=1)
     batches: dict[str, list[BatchKind]] = Field({}, description="stage name -> the batch kinds it trains on")
     policy: str = Field(description="The stage whose output is the round's policy")
     pool: str | None = Field(None, description="The stage whose output is the next round's pool")
     batch_format: str = Field("auto", description="Data format of the batch files")
+    report_to: list[Tracker] = Field([], description="report_to of every stage that does not set its own")
+    wandb_project: str | None = Field(None, description="wandb_project of every stage that does not set its "
+                                      "own; default: the run directory's name")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,11 +63,23 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def _read_info(path: Path, fix: str) -> dict[str, Any]:
+    """A batch.json or round.json of ours; damage is explained (with ``fix``), not a traceback."""
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        what = f"invalid JSON: {exc}" if isinstance(exc, ValueError) else exc.strerror
+        raise InputError(f"{path}: damaged ({what}); {fix}") from None
+    if not isinstance(info, dict):
+        raise InputError(f"{path}: damaged (not a JSON object); {fix}")
+    return info
+
+
 def list_batches(run: Path) -> list[dict[str, Any]]:
     batches = []
     for path in sorted((Path(run) / "batches").glob("[0-9][0-9][0-9]")):
-        info = json.loads((path / "batch.json").read_text())
-        batches.append({"id": path.name, "dir": path, **info})
+        fix = f"restore it, or move {path} out of the run and add its files again with `rlhf round add-batch`"
+        batches.append({"id": path.name, "dir": path, **_read_info(path / "batch.json", fix)})
     return batches
 
 
@@ -75,15 +93,24 @@ def add_batch(run: Path, files: dict[str, Path], format: str = "auto") -> Path:
     if not files:
         raise RecipeError("give --helpfulness FILE and/or --safety FILE")
     counts = {kind: len(read_records(path, "preference", format)) for kind, path in files.items()}
+    empty = [str(files[kind]) for kind, n in counts.items() if n == 0]
+    if empty:
+        raise RecipeError(f"{', '.join(empty)}: no preference pairs; a batch must hold some")
     hashes = {kind: _sha256(path) for kind, path in files.items()}
-    for batch in list_batches(run):
+    with locked(run / "batches"):  # one add-batch at a time: numbers and copies do not collide
+        return _store_batch(run, files, format, counts, hashes)
+
+
+def _store_batch(run: Path, files: dict[str, Path], format: str, counts: dict, hashes: dict) -> Path:
+    batches = list_batches(run)
+    for batch in batches:
         if {k: v["sha256"] for k, v in batch["files"].items()} == hashes:
             raise RecipeError(f"{run}: this batch was already added as batch {batch['id']}")
     batches_dir = run / "batches"
-    batches_dir.mkdir(parents=True, exist_ok=True)
-    number = len(list_batches(run)) + 1
+    for leftover in batches_dir.glob(".incoming-*"):  # of killed add-batch runs: the lock says none is live
+        shutil.rmtree(leftover)
+    number = max((int(b["id"]) for b in batches), default=0) + 1
     tmp = batches_dir / f".incoming-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     info = {"added_at": now(), "format": format, "files": {}}
     for kind, path in files.items():
@@ -135,7 +162,10 @@ def preview_round(path: Path, overrides: list[str] = ()) -> Pipeline:
     kind = (read_manifest(cfg.initial_policy) or {}).get("stage", "sft")
     outside = {"initial_policy": (kind, cfg.initial_policy), "policy": (kind, cfg.initial_policy)}
 
+    track = tracking_defaults("round-NNN", cfg.report_to, cfg.wandb_project or "RUN")
+
     def edit(name: str, stage_data: dict[str, Any]) -> None:
+        track(name, stage_data)
         if name in cfg.batches:
             _add_batch_sources(stage_data, [batch], cfg.batches[name])
 
@@ -146,10 +176,13 @@ def preview_round(path: Path, overrides: list[str] = ()) -> Pipeline:
 
 
 def list_rounds(run: Path) -> list[dict[str, Any]]:
+    """The rounds begun, in order. A round directory without round.json was never begun (a kill
+    between creating it and writing round.json, before any stage ran); the next run begins it."""
     rounds = []
     for path in sorted((Path(run) / "rounds").glob("[0-9][0-9][0-9]")):
-        info = json.loads((path / "round.json").read_text())
-        rounds.append({"id": path.name, "dir": path, **info})
+        if (path / "round.json").exists():
+            fix = "restore it, or move its round directory out of the run to run that round again"
+            rounds.append({"id": path.name, "dir": path, **_read_info(path / "round.json", fix)})
     return rounds
 
 
@@ -210,7 +243,10 @@ def plan_round(run: Path, recipe: Path | None = None) -> RoundPlan:
         previous = rounds[-1] if rounds else None
     round_batches = [b for b in batches if b["id"] in current["batches"]]
 
+    track = tracking_defaults(f"round-{Path(current['dir']).name}", cfg.report_to, cfg.wandb_project or run.resolve().name)
+
     def edit(name: str, stage_data: dict[str, Any]) -> None:
+        track(name, stage_data)
         if name in cfg.batches:
             _add_batch_sources(stage_data, round_batches, cfg.batches[name])
 
@@ -226,6 +262,11 @@ def plan_round(run: Path, recipe: Path | None = None) -> RoundPlan:
 
 def run_round(run: Path, recipe: Path | None = None) -> Path:
     """Run (or finish) the next round; completed stages are skipped, a partial one resumes."""
+    with locked(Path(run) / "rounds") if is_main_process() else nullcontext():  # one round run at a time
+        return _run_round(run, recipe)
+
+
+def _run_round(run: Path, recipe: Path | None) -> Path:
     from rlhf.pipeline import PIPELINE_FILE, run_stage
 
     plan = plan_round(run, recipe)
@@ -253,6 +294,8 @@ def round_status(run: Path) -> str:
     from rlhf.report import round_summary
 
     run = Path(run)
+    if not run.is_dir():
+        raise InputError(f"{run}: no such run directory")
     lines = [f"run {run}", "batches:"]
     for b in list_batches(run):
         files = ", ".join(f"{kind} {f['pairs']} pairs" for kind, f in b["files"].items())

@@ -24,12 +24,16 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from rlhf.artifacts import StageRun
+from rlhf.artifacts import (
+    Diverged, InputError, StageRun, normalize_modes, remove_tree, write_json_atomic, write_text_atomic, writing,
+)
+from rlhf.chat_template import set_chat_template
 from rlhf.progress import Progress
+from rlhf.tracking import TENSORBOARD_DIR, start_trackers
 from rlhf.config import LoraConfig, ModelConfig, RecipeError, TrainConfig
 
 
@@ -103,10 +107,12 @@ def check_batching(cfg: TrainConfig, world: int) -> None:
 
 def make_accelerator(cfg: TrainConfig, report_to: Sequence[str] = (), project_dir: Path | None = None):
     """An Accelerator for one stage. Several stages may run in one process (a pipeline), each
-    with its own precision, so the shared AcceleratorState is reset (the process group stays)."""
+    with its own precision, so the shared AcceleratorState is reset (the process group stays).
+    Its trackers (``report_to``, started by ``rlhf.tracking.start_trackers``) write in
+    ``project_dir``, the stage directory."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 
     AcceleratorState._reset_state(reset_partial_state=False)
     available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
@@ -118,9 +124,30 @@ def make_accelerator(cfg: TrainConfig, report_to: Sequence[str] = (), project_di
     if cpu and precision == "fp16":
         print("[rlhf] train.mixed_precision: fp16 needs a GPU; training in fp32")
         precision = "no"
-    return Accelerator(
-        cpu=cpu, mixed_precision=precision, log_with=trackers or None, project_dir=project_dir
-    )
+    where = None if project_dir is None else ProjectConfiguration(
+        project_dir=str(project_dir), logging_dir=str(Path(project_dir) / TENSORBOARD_DIR))
+    accelerator = Accelerator(cpu=cpu, mixed_precision=precision, log_with=trackers or None, project_config=where)
+    fallback = sharding_fallback(os.environ, accelerator.distributed_type.value, accelerator.num_processes)
+    if fallback:
+        accelerator.print(f"[rlhf] warning: {fallback}")
+    return accelerator
+
+
+# What ``accelerate launch`` sets for a sharding config: its name and the distributed type that honours it.
+SHARDING_ENV = {"ACCELERATE_USE_FSDP": ("FSDP", "FSDP"), "ACCELERATE_USE_DEEPSPEED": ("DeepSpeed", "DEEPSPEED")}
+
+
+def sharding_fallback(env: Mapping[str, str], distributed_type: str, processes: int) -> str | None:
+    """What to say when the launcher's sharding config (FSDP, DeepSpeed) is not what runs
+    (accelerate drops it on a machine without GPUs and runs on, exit 0), or None."""
+    for var, (name, honoured) in SHARDING_ENV.items():
+        if env.get(var, "false").lower() == "true" and distributed_type != honoured:
+            instead = f"plain DDP over {processes} CPU processes" if processes > 1 else "a single process"
+            return (f"the accelerate config asks for {name} (distributed_type: {honoured}), but {instead} runs "
+                    f"instead (accelerate drops {name} without a GPU): every process holds the whole model, its "
+                    f"gradients and optimizer state; nothing is sharded. Launch with recipes/accelerate/ddp.yaml "
+                    "to say what runs, or on GPUs to shard")
+    return None
 
 
 def prepare_model(
@@ -167,18 +194,23 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
-def save_model(accelerator, model, tokenizer, out_dir: Path, lora: LoraConfig) -> None:
+def save_model(accelerator, model, tokenizer, out_dir: Path, lora: LoraConfig, template: str) -> None:
     """Save in Hugging Face format: plain weights, LoRA merged into them, or the adapter
-    (whose config records its base). Every process calls this (sharded states are gathered)."""
+    (whose config records its base's absolute path), with the tokenizer, whose chat template
+    becomes the chat format ``template`` the model trained on (``rlhf.chat_template``). Every
+    process calls this (sharded states are gathered)."""
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         if lora.enabled and lora.merge:
             unwrapped, state_dict = unwrapped.merge_and_unload(), None
-        unwrapped.save_pretrained(out_dir, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir)
+        with writing(out_dir):
+            unwrapped.save_pretrained(out_dir, state_dict=state_dict)
+            if tokenizer is not None:
+                set_chat_template(tokenizer, template)
+                tokenizer.save_pretrained(out_dir)
+            normalize_modes(out_dir)
     accelerator.wait_for_everyone()
 
 
@@ -186,39 +218,137 @@ def save_model(accelerator, model, tokenizer, out_dir: Path, lora: LoraConfig) -
 # Checkpoints
 
 
+TRAINER_STATE = "trainer_state.json"  # written last into a checkpoint: its step and its files
+JSON_STATE = "state.json"  # the states of the objects given to register_json_state
+
+
+def register_json_state(accelerator, *objects) -> None:
+    """Checkpoint ``objects`` (lr schedulers, early-stop bookkeeping: anything whose
+    ``state_dict`` holds plain values) as JSON. Not accelerate's register_for_checkpointing: it
+    pickles them and loads the pickle with weights_only=False, so a file planted in a checkpoint
+    would run code on resume."""
+
+    def save(models, weights, output_dir) -> None:
+        if accelerator.is_main_process:
+            write_text_atomic(Path(output_dir) / JSON_STATE, json.dumps([o.state_dict() for o in objects]))
+
+    def load(models, input_dir) -> None:
+        states = json.loads((Path(input_dir) / JSON_STATE).read_text())
+        if not isinstance(states, list) or len(states) != len(objects):
+            raise ValueError(f"{JSON_STATE}: expected the states of {len(objects)} objects")
+        for obj, state in zip(objects, states):
+            obj.load_state_dict(state)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def _files(path: Path) -> dict[str, int]:
+    return {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed from, or None. Its trainer_state.json lists
+    every file with its size, so a file missing, cut short or added (planted) since is found
+    before anything is loaded."""
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+        step, files = state["step"], state.get("files")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return f"unreadable {TRAINER_STATE} ({type(exc).__name__}: {exc})"
+    if not isinstance(step, int) or not isinstance(files, dict):
+        return f"{TRAINER_STATE} holds no step and file list"
+    found = _files(path)
+    found.pop(TRAINER_STATE)
+    for name, size in files.items():
+        if found.get(name) != size:
+            return f"{name} is missing" if name not in found else f"{name} has {found[name]} bytes, not {size}"
+    extra = sorted(set(found) - set(files))
+    return f"holds files it was not written with: {', '.join(extra)}" if extra else None
+
+
+def _candidates(checkpoints: Path) -> list[Path]:
+    """Checkpoints oldest first; a directory without trainer_state.json was never finished."""
+    return sorted(p for p in checkpoints.glob("step-*") if (p / TRAINER_STATE).exists())
+
+
 def latest_checkpoint(checkpoints: Path) -> Path | None:
-    done = sorted(p for p in checkpoints.glob("step-*") if (p / "trainer_state.json").exists())
-    return done[-1] if done else None
+    usable = [p for p in _candidates(checkpoints) if checkpoint_problem(p) is None]
+    return usable[-1] if usable else None
 
 
 def save_checkpoint(accelerator, checkpoints: Path, step: int, keep: int) -> None:
-    """Model, optimizer, scheduler and RNG states; the directory appears complete or not at all."""
+    """Model, optimizer, registered (JSON) and RNG states. Written under a temporary name and
+    renamed, so a checkpoint appears complete or not at all; the ones beyond ``keep`` are
+    renamed away before they are deleted, so a kill never leaves half of one."""
     final = checkpoints / f"step-{step:08d}"
     tmp = checkpoints / f".step-{step:08d}.tmp"
-    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed save left
+    accelerator.wait_for_everyone()
+    with writing(tmp):
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
-        shutil.rmtree(final, ignore_errors=True)  # a stale copy of this step, from an earlier run
+        with writing(tmp):
+            normalize_modes(tmp)
+            write_json_atomic(tmp / TRAINER_STATE, {"step": step, "files": _files(tmp)})
+        remove_tree(final)  # a stale copy of this step, from an earlier run
         os.replace(tmp, final)
-        for old in sorted(checkpoints.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in _candidates(checkpoints)[:-keep]:
+            remove_tree(old)
     accelerator.wait_for_everyone()
 
 
 def resume(accelerator, checkpoints: Path) -> int:
-    """Load the newest complete checkpoint, if any; return the optimizer step to continue from."""
-    path = latest_checkpoint(checkpoints)
-    if path is None:
-        return 0
-    accelerator.load_state(str(path))
-    step = json.loads((path / "trainer_state.json").read_text())["step"]
-    accelerator.print(f"[rlhf] resumed from {path} (step {step})")
-    return step
+    """Load the newest usable checkpoint; return the optimizer step to continue from (0: none).
+    A broken one (a kill or a full disk while it was written or deleted, a damaged file) is
+    skipped with a warning for the one before it."""
+    failed_load = False
+    for path in reversed(_candidates(checkpoints)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            try:
+                accelerator.load_state(str(path))
+            except Exception as exc:  # torch, safetensors and accelerate raise many types on damage
+                problem, failed_load = f"cannot be loaded ({type(exc).__name__}: {next(iter(str(exc).splitlines()), '')})", True
+        if problem is None:
+            step = json.loads((path / TRAINER_STATE).read_text())["step"]
+            accelerator.print(f"[rlhf] resumed from {path} (step {step})")
+            return step
+        accelerator.print(f"[rlhf] warning: skipping checkpoint {path}: {problem}")
+    if failed_load:  # the model may hold part of a broken checkpoint: starting over needs a fresh process
+        raise InputError(f"{checkpoints}: no checkpoint can be loaded; delete that directory and run the "
+                         "same command again to train this stage from the start")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
+
+
+def diverged(run: StageRun, what: str) -> Diverged:
+    last = latest_checkpoint(run.checkpoints)
+    keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return Diverged(f"{run.cfg.stage}: training stopped: {what}; {keep}. Lower train.lr (or set train.grad_clip) "
+                    "and run again (a changed recipe starts afresh)")
+
+
+def check_finite(run: StageRun, step: int, metrics: dict[str, float]) -> None:
+    """Stop on a non-finite loss or gradient norm (every process sees the same reduced values)."""
+    for name in ("loss", "grad_norm"):
+        if not math.isfinite(metrics[name]):
+            raise diverged(run, f"the {name.replace('_', ' ')} is non-finite ({metrics[name]}) at step {step}")
+
+
+def check_weights(accelerator, run: StageRun, model: torch.nn.Module, step: int) -> None:
+    """Stop before non-finite weights are checkpointed or saved (a finite loss can be followed
+    by an update that overflows)."""
+    bad = torch.zeros((), device=accelerator.device)
+    for param in model.parameters():
+        bad += (~torch.isfinite(param.detach())).sum()
+    if float(accelerator.reduce(bad, "sum")):
+        raise diverged(run, f"non-finite weights after step {step}")
 
 
 @dataclass
@@ -257,11 +387,10 @@ def _start(run: StageRun, model: torch.nn.Module, cfg: TrainConfig, total: int, 
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # stepped once per optimizer step
+    register_json_state(accelerator, scheduler)  # stepped once per optimizer step
     step = resume(accelerator, run.checkpoints)
     run.truncate_metrics(step)
-    if accelerator.trackers == [] and accelerator.log_with:
-        accelerator.init_trackers(run.dir.name)
+    start_trackers(accelerator, run)
     model.train()
     return model, optimizer, scheduler, step
 
@@ -308,13 +437,16 @@ def train_loop(
         tokens_seen, train_seconds = tokens_seen + tokens, train_seconds + seconds
         metrics = {name: float(value) / units for name, value in zip(names, sums)}
         metrics.update(lr=lr, grad_norm=float(grad_norm), tokens_per_s=tokens / seconds, epoch=step / steps_per_epoch)
+        check_finite(run, step, metrics)
         if step % cfg.log_every == 0 or step == total:
             run.log(step, **metrics)
             accelerator.log(metrics, step=step)
         progress.update(1, loss=metrics["loss"], lr=lr)
-        # 4. checkpoint (the final weights are saved by the stage itself)
+        # 4. checkpoint (the final weights are saved by the stage itself); never a diverged one
         if step % cfg.save_every == 0 and step < total:
+            check_weights(accelerator, run, model, step)
             save_checkpoint(accelerator, run.checkpoints, step, cfg.keep_checkpoints)
+    check_weights(accelerator, run, model, step)
     progress.close()
     for tracker in accelerator.trackers:  # not end_training(): later stages need the process group
         tracker.finish()

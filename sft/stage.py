@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rlhf.artifacts import StageRun
+from rlhf.chat_template import warn_chat_format
 from rlhf.data import SFTExample, load_data
 from rlhf.models import load_policy
 from rlhf.packing import needs_one_row
@@ -31,7 +32,9 @@ def fine_tune(run: StageRun, accelerator, source: Path, examples: Sequence[SFTEx
     # 1. model and tokenizer
     model, tokenizer = load_policy(source, attn_implementation=cfg.model.attn_implementation)
     model = prepare_model(model, cfg.model)
-    # 2. data: rendered, fitted to max_length and packed once
+    # 2. data: rendered, fitted to max_length and packed once (after a warning if the tokenizer
+    #    breaks the chat markers or drops characters)
+    warn_chat_format(accelerator.print, cfg.stage, tokenizer, cfg.data.template, examples, cfg)
     rows, counts = build_rows(examples, tokenizer, cfg.data)
     accelerator.print(
         f"[rlhf] {cfg.stage}: {counts['examples_used']}/{counts['examples']} examples in {counts['packed_rows']} rows "
@@ -42,7 +45,7 @@ def fine_tune(run: StageRun, accelerator, source: Path, examples: Sequence[SFTEx
     flatten = needs_one_row(model.config)
     metrics = train_loop(run, model, rows, partial(collate, flatten=flatten), sft_loss, cfg.train, cfg.seed,
                          accelerator, desc=f"{cfg.stage} fine-tune")
-    save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora)
+    save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora, cfg.data.template)
     return metrics, counts
 
 

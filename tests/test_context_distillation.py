@@ -113,7 +113,8 @@ def test_stage_keeps_improved_answers_fine_tunes_and_reports_the_shift(world, wh
     rows = [json.loads(line) for line in (out / "data" / "candidates.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(r["id"].startswith("s") for r in rows)  # the safety prompts only
     assert [r["preprompt"] for r in rows] == ["targeted", "generic", "generic"] * 4  # crime has a template
-    assert [r["kept"] for r in rows] == [r["distilled_score"] > r["plain_score"] and r["distilled"] != "" for r in rows]
+    assert [r["kept"] for r in rows] == [r["distilled_score"] > r["plain_score"] and r["distilled"] != "" and r["distilled_finished"]
+                                         for r in rows]  # a distilled answer cut at max_new_tokens is no example
     kept = [r for r in rows if r["kept"]]
     assert 2 <= len(kept) < 12
     examples = read_records(out / "data" / "context_distillation.jsonl", "sft")

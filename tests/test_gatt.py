@@ -14,6 +14,7 @@ from rlhf.gatt.stage import Dialogue, Instruction, conversation, draw_instructio
 from rlhf.gatt.checks import ends_with, mentions, starts_with, upper_case, words
 from rlhf.gatt.config import Constraint, GAttConfig, InstructionsConfig
 from rlhf.config import RecipeError
+from rlhf.generation import Samples
 from rlhf.recipe import load_recipe
 from tiny import weights, word_tokenizer, word_world
 
@@ -75,7 +76,7 @@ def test_sample_turns_batches_each_depth_and_sees_the_instruction_everywhere():
     def sampler(convs, keys):
         calls.append(keys)
         assert all(m.content.endswith("CAPS!") for c in convs for m in c if m.role == "user")
-        return [c[-1].content.split()[0].upper() for c in convs]
+        return Samples([[]] * len(convs), [c[-1].content.split()[0].upper() for c in convs], [True] * len(convs))
 
     ds = [Dialogue(["hi", "add two", "bye"], Instruction("CAPS!", (("case", ""),)), [], f"d{i}") for i in range(2)]
     sample_turns(ds, 3, sampler, "every")
@@ -158,7 +159,7 @@ def gatt_cfg(world: Path, out: Path) -> GAttConfig:
         instructions={"constraints": [{"name": "case", "text": "CAPS!", "checker": "upper_case"},
                                       {"name": "last", "text": "End with {value}", "values": ["ok", "done"], "checker": "ends_with"}],
                       "combine": 0.5},
-        sampling={"max_new_tokens": 5, "batch_size": 2, "temperature": 1.0},
+        sampling={"max_new_tokens": 8, "batch_size": 2, "temperature": 1.0},
         eval={"dialogues": 2, "turns": 3},
         train={"lr": 1e-2, "batch_size": 4, "micro_batch_size": 2, "epochs": 1, "weight_decay": 0.0, "save_every": 2},
     )
@@ -178,9 +179,12 @@ def test_stage_writes_gatt_data_trains_and_evaluates(world, whole):
     assert manifest["status"] == "complete" and manifest["stage"] == "gatt"
     data = manifest["data"]
     # 24 prompts: 2 held-out dialogues of 3 turns take 6, the other 18 make 6 dialogues of 3
-    # turns, so 18 examples (one per depth), less those with an empty sampled answer
+    # turns, so up to 18 examples (one per depth: a dialogue stops at an answer cut at
+    # max_new_tokens), less those with an empty or a cut sampled answer
     assert (data["eval_dialogues"], data["dialogues"]) == (2, 6)
-    assert data["generated_examples"] + data["dropped_empty_answer"] == 18 and data["generated_examples"] >= 12
+    answered = sum(len(json.loads(line)["answers"]) for line in (out / "eval" / "sampled.jsonl").read_text().splitlines())
+    assert data["generated_examples"] + data["dropped_empty_answer"] + data["dropped_truncated"] == answered <= 18
+    assert data["generated_examples"] >= 12
     examples = read_records(out / "data" / "gatt.jsonl", "sft")
     assert len(examples) == data["generated_examples"] == data["examples"] - 4 and data["replay_examples"] == 4
     assert {len(e.messages) for e in examples} == {2, 4, 6}
@@ -216,12 +220,12 @@ def test_keep_following_drops_examples_the_checker_rejects(world, tmp_path):
     cfg = gatt_cfg(world, tmp_path / "unused")
     cfg.data.keep = "following"
     caps = Instruction("CAPS!", (("case", ""),))
-    sampled = [Dialogue(["hi", "what", "name"], caps, ["YES", "no", "OK"])]
+    sampled = [Dialogue(["hi", "what", "name"], caps, ["YES", "no", "OK"], finished=[True] * 3)]
     examples, counts = gatt_examples(sampled, cfg)
     assert [e.messages[-1].content for e in examples] == ["YES", "OK"] and counts["dropped_not_following"] == 1
     cfg.data.every_depth = False
     sampled[0].answers[-1] = "ok"
-    with pytest.raises(RecipeError, match="no sampled answer follows"):
+    with pytest.raises(RecipeError, match="no training example is left of 1 examples.*1 with one its instruction's checker rejects"):
         gatt_examples(sampled, cfg)
 
 

@@ -2,8 +2,11 @@
 always be finished by running the same command again, a checkpoint never runs a pickle, and bad
 input ends in one clean message, never a traceback."""
 
+import gzip
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,7 +155,30 @@ def test_a_full_disk_is_a_clean_error_naming_the_file(tmp_path, echo_stage, caps
     capsys.readouterr()
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no space left on /") and "Traceback" not in err
+    assert err.startswith("error: no space left on /") and "Traceback" not in err, err
+
+
+@pytest.mark.slow
+def test_an_sft_stage_on_a_full_disk_stops_cleanly_and_a_rerun_with_space_finishes(sft_world, tmp_path, capsys):
+    from rlhf.cli import main
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # 512 KiB: the step-2 checkpoint (~300 KB) fits, the step-4 one beside it does not
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs a small file system of its own (mount -t tmpfs, as root)")
+    try:
+        killed = _sft_recipe(sft_world, tmp_path, disk / "sft")
+        assert main(["run", str(killed)]) == 2
+        err = capsys.readouterr().err
+        assert f"\nerror: no space left on {disk} while writing {disk}/sft/checkpoints/" in err, err
+        assert "Traceback" not in err and read_manifest(disk / "sft") is None
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        assert main(["run", str(killed)]) == 0
+        assert main(["run", str(_sft_recipe(sft_world, tmp_path, tmp_path / "whole"))]) == 0
+        _assert_same_weights(tmp_path / "whole" / "model", disk / "sft" / "model")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
 
 
 def test_killed_add_batch_leftovers_are_cleaned_up(tmp_path):
@@ -312,21 +338,20 @@ def test_the_manifest_is_written_before_the_checkpoints_are_dropped(tmp_path, mo
 
 
 def test_our_temp_files_do_not_change_a_fingerprint(tmp_path):
-    from rlhf.artifacts import fingerprint
+    from rlhf import artifacts
 
-    cfg = StageConfig(stage="toy", output_dir=tmp_path / "out")
-    run = StageRun(cfg).start()
+    run = StageRun(StageConfig(stage="toy", output_dir=tmp_path / "out")).start()
     (run.dir / "model").mkdir()
     (run.dir / "model" / "weights.bin").write_bytes(b"w")
-    (run.dir / ".manifest.json.tmp4242").write_text("{")  # a manifest write killed before its rename
-    (run.dir / "model" / ".summary.json.tmp4242").write_text("{")
-    (run.dir / ".trash-checkpoints-4242").mkdir()
+    planted = [run.dir / ".manifest.json.tmp4242", run.dir / "model" / ".summary.json.tmp4242",
+               run.dir / ".trash-checkpoints-4242" / "optimizer.bin"]  # what kills mid-write leave
+    for path in planted:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("{")
     run.finish({})
-    clean = tmp_path / "clean"
-    clean.mkdir()
-    (clean / "model").mkdir()
-    (clean / "model" / "weights.bin").write_bytes(b"w")
-    assert read_manifest(run.dir)["fingerprint"] == fingerprint(clean)
+    for path in planted:
+        path.unlink()
+    assert read_manifest(run.dir)["fingerprint"] == artifacts._hash_files(run.dir, artifacts._VOLATILE)
 
 
 def _round_world(tmp_path: Path) -> Path:
@@ -400,6 +425,20 @@ def test_checkpoint_state_is_plain_json(tmp_path):
     assert state["last_epoch"] == 2
 
 
+def test_hook_and_checker_modules_are_checked_when_the_recipe_is(tmp_path, monkeypatch):
+    from rlhf.data import DataError, SourceConfig, load_source
+    from rlhf.gatt.config import Constraint
+
+    with pytest.raises(ValueError, match="hook 'nomod:fn': no module named 'nomod'"):
+        SourceConfig(hook="nomod:fn")
+    with pytest.raises(ValueError, match="checker: 'nomod:fn': no module named 'nomod'"):
+        Constraint(name="c", text="Say hi.", checker="nomod:fn")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "raising.py").write_text("raise ValueError('broken at import')\ndef rows(): return []\n")
+    with pytest.raises(DataError, match="raising:rows: hook: cannot load: ValueError: broken at import"):
+        load_source(SourceConfig(hook="raising:rows"), "sft")  # in the current directory: found
+
+
 @pytest.fixture(scope="module")
 def sft_world(tmp_path_factory) -> Path:
     return word_world(tmp_path_factory.mktemp("sft_world"))
@@ -431,6 +470,18 @@ def test_every_file_a_stage_writes_has_the_same_mode(sft_world, tmp_path, monkey
     seen.update({str(p): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()})
     assert any(name.endswith("model.safetensors") for name in seen)
     assert {name: oct(mode) for name, mode in seen.items() if mode != wanted} == {}
+
+
+def _sft_recipe(world: Path, tmp_path: Path, out: Path) -> Path:
+    import yaml
+
+    return _recipe(tmp_path, yaml.safe_dump(_sft(world, out).model_dump(mode="json")), f"{out.name}.yaml")
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    a, b = weights(a), weights(b)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
 
 
 def _umask() -> int:
@@ -473,23 +524,154 @@ sys.exit(main(["run", recipe]))
 @pytest.mark.slow
 @pytest.mark.parametrize("point", ["checkpoint", "cleanup"])
 def test_a_killed_sft_stage_resumes_to_the_uninterrupted_weights(sft_world, tmp_path, point):
-    import yaml
-
     from rlhf.cli import main
 
-    def recipe(out: Path) -> Path:
-        cfg = _sft(sft_world, out).model_dump(mode="json")
-        return _recipe(tmp_path, yaml.safe_dump(cfg), f"{out.name}.yaml")
-
-    assert main(["run", str(recipe(tmp_path / "whole"))]) == 0
-    killed = recipe(tmp_path / "killed")
+    assert main(["run", str(_sft_recipe(sft_world, tmp_path, tmp_path / "whole"))]) == 0
+    killed = _sft_recipe(sft_world, tmp_path, tmp_path / "killed")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", _KILLED_SFT, point, str(killed)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     assert main(["run", str(killed)]) == 0
-    a, b = weights(tmp_path / "whole" / "model"), weights(tmp_path / "killed" / "model")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    _assert_same_weights(tmp_path / "whole" / "model", tmp_path / "killed" / "model")
     assert read_manifest(tmp_path / "killed")["status"] == "complete"
     assert not (tmp_path / "killed" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Bad input: one clean message naming the file, a non-zero exit, no traceback, inputs unchanged
+#
+# Each case writes its bad input under ``root`` and returns (the command line, the file the
+# message must name, the inputs to hash). ``world`` is the tiny SFT world (a model in base/).
+
+PAIRS = "".join(json.dumps({"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"}) + "\n" for i in range(20))
+
+
+def _gz(root: Path, name: str, text: str, keep: float = 1.0) -> Path:
+    path = root / name
+    data = gzip.compress(text.encode())
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+def _validate(path: Path, kind: str = "preference", *extra: str):
+    return ["data", "validate", str(path), "--kind", kind, *extra], path, [path]
+
+
+def _write(root: Path, name: str, text: str | bytes) -> Path:
+    path = root / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+def _bad_model(root: Path, world: Path, damage) -> tuple:
+    """``rlhf run`` of an SFT recipe whose model_from is a copy of the world's model, damaged:
+    the message names that directory."""
+    model = root / "model"
+    shutil.copytree(world / "base", model)
+    damage(model)
+    recipe = _write(root, "sft.yaml", f"stage: sft\nmodel_from: {model}\noutput_dir: {root / 'out'}\n"
+                    f"data: {{sources: [{{path: {world / 'sft.jsonl'}}}]}}\n")
+    return ["run", str(recipe)], model, [model, recipe]
+
+
+def _truncate(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def _stage_without_model(root: Path, world: Path) -> tuple:
+    stage = root / "sft_stage"
+    stage.mkdir()
+    (stage / "manifest.json").write_text(json.dumps({"stage": "sft", "status": "complete"}))  # model/ deleted since
+    recipe = _write(root, "sft.yaml", f"stage: sft\nmodel_from: {stage}\noutput_dir: {root / 'out'}\n"
+                    f"data: {{sources: [{{path: {world / 'sft.jsonl'}}}]}}\n")
+    return ["run", str(recipe)], stage / "model", [stage, recipe]
+
+
+def _symlink_loop(root: Path, world: Path) -> tuple:
+    model = root / "model"
+    shutil.copytree(world / "base", model)
+    (model / "again").symlink_to(model, target_is_directory=True)
+    recipe = _write(root, "base.yaml", f"stage: base_model\nfrom_pretrained: {model}\noutput_dir: {root / 'out'}\n")
+    return ["run", str(recipe)], model / "again", [recipe]
+
+
+def _recipe_case(text: str, *overrides: str):
+    def case(root: Path, world: Path) -> tuple:
+        recipe = _write(root, "r.yaml", text.format(root=root, world=world))
+        return ["run", str(recipe), *overrides], recipe, [recipe]
+    return case
+
+
+SFT_RECIPE = ("stage: sft\nmodel_from: {world}/base\noutput_dir: {root}/out\n"
+              "data: {{sources: [{{path: {world}/sft.jsonl}}]}}\n")
+
+BAD_INPUTS = {
+    # tracebacks today
+    "truncated .jsonl.gz": lambda root, world: _validate(_gz(root, "p.jsonl.gz", PAIRS, 0.6)),
+    "truncated .json.gz": lambda root, world: _validate(_gz(root, "p.json.gz", json.dumps(PAIRS.splitlines()), 0.6)),
+    "truncated .csv.gz": lambda root, world: _validate(_gz(root, "p.csv.gz", "prompt,chosen,rejected\n" + "q,a,b\n" * 50, 0.6)),
+    ".gz that is not gzip": lambda root, world: _validate(_write(root, "p.jsonl.gz", PAIRS)),
+    "100k-deep JSON line": lambda root, world: _validate(_write(root, "p.jsonl", "[" * 100_000 + "]" * 100_000 + "\n")),
+    "prompts meta a string": lambda root, world: _validate(
+        _write(root, "p.jsonl", '{"prompt": "hi", "is_safety": false, "meta": "x"}\n'), "prompts"),
+    "prompts meta a number": lambda root, world: _validate(
+        _write(root, "p.jsonl", '{"prompt": "hi", "is_safety": false, "meta": 3}\n'), "prompts"),
+    "a directory as --format jsonl": lambda root, world: _validate(root / "d", "preference", "--format", "jsonl"),
+    "lone surrogate in text": lambda root, world: _validate(
+        _write(root, "p.jsonl", '{"prompt": "q \\ud800", "chosen": "a", "rejected": "b"}\n')),
+    "truncated model.safetensors": lambda root, world: _bad_model(root, world, lambda m: _truncate(m / "model.safetensors")),
+    "garbage config.json": lambda root, world: _bad_model(root, world, lambda m: _write(m, "config.json", "{garbage")),
+    "missing tokenizer files": lambda root, world: _bad_model(
+        root, world, lambda m: [p.unlink() for p in m.glob("tokenizer*")]),
+    "a finished stage whose model/ is gone": _stage_without_model,
+    "a model directory with a symlink loop": _symlink_loop,
+    "epochs: 1e400": _recipe_case(SFT_RECIPE + "train: {{epochs: 1e400}}\n"),
+    "lr: .inf": _recipe_case(SFT_RECIPE, "train.lr=.inf"),
+    "eval-rm of a missing model": lambda root, world: (
+        ["eval-rm", str(root / "no_rm"), str(_write(root, "p.jsonl", PAIRS))], root / "no_rm", [root / "p.jsonl"]),
+    # accepted silently today
+    "a NaN margin": lambda root, world: _validate(
+        _write(root, "p.jsonl", '{"prompt": "q", "chosen": "a", "rejected": "b", "margin": NaN}\n')),
+    "an empty data file": lambda root, world: _validate(_write(root, "p.jsonl", "")),
+    "a duplicate train: key": _recipe_case(SFT_RECIPE + "train: {{lr: 1.0e-3}}\ntrain: {{epochs: 1}}\n"),
+    "a pipeline with no stages": _recipe_case("pipeline: p\noutput_dir: {root}/out\nstages: []\n"),
+    "report of a missing directory": lambda root, world: (["report", str(root / "nothing")], root / "nothing", []),
+    "round status of a missing run": lambda root, world: (["round", "status", str(root / "norun")], root / "norun", []),
+    "an empty weekly batch": lambda root, world: (
+        ["round", "add-batch", str(root / "run"), "--helpfulness", str(_write(root, "week.jsonl", ""))],
+        root / "week.jsonl", [root / "week.jsonl"]),
+}
+
+
+def _digest(paths: list[Path]) -> dict[str, str]:
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_clean_message(case, sft_world, tmp_path, capsys):
+    from rlhf.cli import main
+
+    (tmp_path / "d").mkdir()
+    argv, named, inputs = BAD_INPUTS[case](tmp_path, sft_world)
+    before = _digest(inputs)
+    code = main(argv)  # a traceback would raise out of here
+    out = capsys.readouterr()
+    lines = [line.removeprefix("error: ") for line in (out.out + out.err).splitlines()]
+    assert code != 0, out
+    assert any(line.startswith(f"{named}:") or line.startswith(f"{named} (") for line in lines), out
+    assert _digest(inputs) == before
+    assert not (tmp_path / "nothing").exists() and not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_utf8_bom_is_accepted_in_every_text_format(tmp_path):
+    from rlhf.data import read_records
+
+    bom = "\ufeff"
+    files = {"p.jsonl": bom + PAIRS, "p.json": bom + "[" + ",".join(PAIRS.splitlines()) + "]",
+             "p.csv": bom + "prompt,chosen,rejected\n" + "q,a,b\n" * 3}
+    for name, text in files.items():
+        records = read_records(_write(tmp_path, name, text), "preference")
+        assert records and records[0].prompt[0].content.startswith("q"), name

@@ -4,8 +4,14 @@ score them without the EOS they never generated, ``missing_eos_penalty`` lowers 
 rejection sampling and PPO alike, rejection sampling keeps them out of its pool unless
 ``pool_truncated``, and both stages report the truncation rate.
 
+Ghost Attention and context distillation sample through ``make_sampler``, which says which
+answers finished: GAtt stops a training dialogue at a truncated answer and leaves its example
+out, context distillation scores both answers as they ended and keeps truncated distilled
+answers out; both report their truncation rates.
+
 The policy that never ends is a tiny Llama whose every draw has its EOS logit at -inf
-(``never_ends``); the stages run on a ``tiny.stage_world``."""
+(``never_ends``); rejection sampling and PPO run on a ``tiny.stage_world``, GAtt and context
+distillation on a ``tiny.word_world``."""
 
 import json
 import math
@@ -17,13 +23,13 @@ import torch
 import rlhf.generation as generation
 from reward_model.model import RewardModel, load_reward_model, response_ids
 from rlhf.config import RecipeError, validate
-from rlhf.data import Message, render
-from rlhf.generation import sample
+from rlhf.data import Message, read_records, render
+from rlhf.generation import Samples, sample
 from rlhf.models import load_tokenizer
 from rlhf.rewards import logit, safety_gate
 from rlhf.stages import config_class
-from tiny import (PROMPT_CORPUS, bpe_tokenizer, llama_config, override, read_jsonl, stage_dir, stage_world,
-                  tiny_llama, word_tokenizer)
+from tiny import (PROMPT_CORPUS, bpe_tokenizer, llama_config, override, read_jsonl, save_reward_model, stage_dir,
+                  stage_world, tiny_llama, word_tokenizer, word_world)
 
 EOS = 2  # of every tokenizer in tiny.py
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "bye", "ok", "no"]
@@ -242,11 +248,141 @@ def test_ppo_scores_truncated_rollouts_without_eos_and_penalised(world, tmp_path
     out = ppo.run(_ppo_cfg(world, tmp_path / "ppo", missing_eos_penalty=1.5))
     (batch, ro), = seen
     assert ro.finished.tolist() == [0.0] * 4 and all(len(r) == 4 for r in ro.response_ids)
-    # the configured path: both RMs read the answer without an EOS, gate, then LOGIT(R_c) - 1.5
-    tokenizer = load_tokenizer(world / "sft" / "model")
-    texts = [t.strip() for t in tokenizer.batch_decode(ro.response_ids, skip_special_tokens=True)]
-    prompts, cut = [p.messages for p, _ in batch], [False] * len(batch)
-    r_h, r_s = (load_reward_model(world / name).probabilities(prompts, texts, finished=cut) for name in ("rm_h", "rm_s"))
+    # the configured path: both RMs (the policy's tokens) read the generated ids, without an EOS,
+    # gate, then LOGIT(R_c) - 1.5
+    cut = [False] * len(batch)
+    r_h, r_s = (torch.sigmoid(load_reward_model(world / name).score_generated(ro.prompt_ids, ro.response_ids, cut))
+                for name in ("rm_h", "rm_s"))
     gated = safety_gate(r_h, r_s, torch.tensor([p.is_safety for p, _ in batch]), 0.15).reward
     torch.testing.assert_close(ro.r_c, torch.sigmoid(logit(gated) - 1.5), atol=1e-5, rtol=1e-5)
     assert read_jsonl(out / "metrics.jsonl")[0]["truncation_rate"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Ghost Attention and context distillation: their sampler says which answers finished
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory) -> Path:
+    """``tiny.word_world`` (a policy that ends its answers early) and a safety RM in ``rm/``."""
+    root = word_world(tmp_path_factory.mktemp("truncation_words"))
+    save_reward_model(root / "rm", root / "base", load_tokenizer(root / "base"), seed=3)
+    return root
+
+
+def _gatt_cfg(world: Path, out: Path, **overrides):
+    from rlhf.gatt.config import GAttConfig
+
+    data = {
+        "stage": "gatt", "output_dir": str(out), "policy_from": str(world / "base"),
+        "data": {"sources": [{"path": str(world / "prompts.jsonl")}], "turns": 3, "max_length": 96, "keep": "all",
+                 "packing": False},
+        "instructions": {"constraints": [{"name": "case", "text": "CAPS!", "checker": "upper_case"}]},
+        "sampling": {"max_new_tokens": 6, "batch_size": 4, "temperature": 1.0},
+        "eval": {"dialogues": 2, "turns": 3, "temperature": 1.0},
+        "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 2, "max_steps": 1},
+    }
+    return validate(GAttConfig, override(data, overrides), "test")
+
+
+def _answers(keys, cut=()):
+    """What a sampler returns for ``keys``: an answer per key, cut at the token limit for ``cut``."""
+    return Samples([[5]] * len(keys), [f"ANSWER {k}" for k in keys], [k not in cut for k in keys])
+
+
+def test_gatt_stops_a_dialogue_at_a_truncated_answer_and_leaves_its_example_out(tmp_path):
+    from rlhf.gatt.stage import Dialogue, Instruction, gatt_examples, sample_turns
+
+    caps = Instruction("CAPS!", (("case", ""),))
+
+    def fresh():
+        return [Dialogue(["u1", "u2", "u3"], caps, [], key) for key in ("a", "b", "c")]
+
+    def sampler(conversations, keys):
+        return _answers(keys, cut={"a/1", "b/0"})
+
+    train = fresh()
+    sample_turns(train, 3, sampler, "every", True)
+    # a's second and b's first answer ran into max_new_tokens: neither dialogue goes on after it
+    assert [d.finished for d in train] == [[True, False], [False], [True, True, True]]
+    assert [len(d.answers) for d in train] == [2, 1, 3]
+    examples, counts = gatt_examples(train, _gatt_cfg(tmp_path, tmp_path / "unused"))
+    assert [e.messages[-1].content for e in examples] == ["ANSWER a/0", "ANSWER c/0", "ANSWER c/1", "ANSWER c/2"]
+    assert counts["dropped_truncated"] == 2 and counts["dropped_empty_answer"] == 0
+    held_out = fresh()  # evaluation judges every turn of every dialogue, truncated answers included
+    sample_turns(held_out, 3, sampler, "first")
+    assert [d.finished for d in held_out] == [[True, False, True], [False, True, True], [True, True, True]]
+
+
+def test_gatt_with_a_policy_that_never_ends_has_nothing_to_train_on(words, tmp_path, monkeypatch):
+    import rlhf.gatt.stage as gatt
+
+    never_ends(monkeypatch)
+    with pytest.raises(RecipeError, match=r"of 6 examples.*6 ended with an answer cut at sampling.max_new_tokens=6"):
+        gatt.run(_gatt_cfg(words, tmp_path / "gatt"))
+
+
+def test_gatt_trains_on_finished_answers_only_and_reports_the_truncation_rate(words, tmp_path):
+    import rlhf.gatt.stage as gatt
+
+    out = gatt.run(_gatt_cfg(words, tmp_path / "gatt"))
+    sampled = read_jsonl(out / "eval" / "sampled.jsonl")
+    flags = [f for d in sampled for f in d["finished"]]
+    assert all(all(d["finished"][:-1]) for d in sampled)  # only a dialogue's last answer can be cut
+    assert 0 < flags.count(False) < len(flags)
+    # every example ends with an answer that finished: the EOS it is trained with was generated
+    examples = read_records(out / "data" / "gatt.jsonl", "sft")
+    assert [e.messages[-1].content for e in examples] == [
+        a for d in sampled for k, (a, f) in enumerate(zip(d["answers"], d["finished"]), start=1) if f and all(d["answers"][:k])]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"]["dropped_truncated"] == flags.count(False)
+    assert manifest["metrics"]["truncation_rate/sampled"] == flags.count(False) / len(flags)
+    before = read_jsonl(out / "eval" / "before.jsonl")
+    assert all(len(d["finished"]) == 3 for d in before)  # held-out dialogues go on past a cut answer
+    assert manifest["metrics"]["truncation_rate/before"] == sum(not f for d in before for f in d["finished"]) / 6
+    assert "truncation_rate/after" in manifest["metrics"] and "cut at" in (out / "eval" / "report.md").read_text()
+
+
+def _cd_cfg(world: Path, out: Path, **overrides):
+    from rlhf.context_distillation.config import ContextDistillationConfig
+
+    data = {
+        "stage": "context_distillation", "output_dir": str(out), "policy_from": str(world / "base"),
+        "safety_rm_from": str(world / "rm"), "data": {"sources": [{"path": str(world / "prompts.jsonl")}], "max_length": 64, "packing": False},
+        "preprompt": {"generic": "be safe."},
+        "sampling": {"max_new_tokens": 4, "batch_size": 4, "temperature": 1.0},
+        "train": {"lr": 1e-2, "batch_size": 1, "micro_batch_size": 1, "max_steps": 1},
+    }
+    return validate(ContextDistillationConfig, override(data, overrides), "test")
+
+
+def test_context_distillation_with_a_policy_that_never_ends_has_nothing_to_distill(words, tmp_path, monkeypatch):
+    import rlhf.context_distillation.stage as cd
+
+    never_ends(monkeypatch)
+    with pytest.raises(RecipeError, match=r"preprompt: nothing to distill: of 12 preprompted answers.*12 were cut at sampling.max_new_tokens=4"):
+        cd.run(_cd_cfg(words, tmp_path / "cd"))
+
+
+def test_context_distillation_scores_truncated_answers_without_eos_and_keeps_them_out(words, tmp_path):
+    import rlhf.context_distillation.stage as cd
+
+    out = cd.run(_cd_cfg(words, tmp_path / "cd"))
+    rows = read_jsonl(out / "data" / "candidates.jsonl")
+    assert 0 < sum(not r["distilled_finished"] for r in rows) < len(rows)
+    assert not any(r["kept"] and not r["distilled_finished"] for r in rows)
+    kept = [r["distilled"] for r in rows if r["kept"]]
+    assert [e.messages[-1].content for e in read_records(out / "data" / "context_distillation.jsonl", "sft")] == kept
+    # both answers scored as they ended: a truncated one without the EOS it never generated
+    rm, prompts = load_reward_model(words / "rm"), {p.id: p for p in read_records(words / "prompts.jsonl", "prompts")}
+    for side in ("plain", "distilled"):
+        expected = rm.score([prompts[r["id"]].messages for r in rows], [r[side] for r in rows],
+                            finished=[r[f"{side}_finished"] for r in rows])
+        assert [r[f"{side}_score"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any(r["distilled_score"] > r["plain_score"] and r["distilled"] and not r["kept"] for r in rows)  # cut ones
+    assert manifest["data"]["dropped_truncated"] == sum(not r["distilled_finished"] for r in rows)
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert summary["truncation"]["distilled"]["truncated"] == sum(not r["distilled_finished"] for r in rows)
+    assert manifest["metrics"]["truncation_rate/distilled"] == summary["truncation"]["distilled"]["rate"]
+    assert set(summary["truncation"]) == {"plain", "distilled", "before", "after"}

@@ -6,11 +6,12 @@ read one kind of directory whether the user brought a checkpoint or the quicksta
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from rlhf.artifacts import StageRun, resolve_input
+from rlhf.artifacts import InputError, StageRun, resolve_input
 from rlhf.base_model.config import BaseModelConfig
 from rlhf.data.records import DataError, Problem
 from rlhf.models import build_model, load_policy, train_tokenizer
@@ -39,10 +40,21 @@ def read_corpus(paths: Iterable[Path]) -> list[str]:
     return texts
 
 
+def refuse_symlink_loops(root: Path) -> None:
+    """A link to a directory that holds it would be copied (followed) forever."""
+    for dirpath, dirnames, _ in os.walk(root):  # links to directories are listed, not entered
+        for link in (Path(dirpath) / name for name in dirnames):
+            if link.is_symlink() and link.resolve() in (link.parent.resolve(), *link.parent.resolve().parents):
+                raise InputError(f"{link}: a symbolic link to a directory that holds it (a loop); remove it "
+                                 "(from_pretrained is copied, following links)")
+
+
 def run(cfg: BaseModelConfig) -> Path:
     """The base_model stage: copy a local checkpoint, or build tokenizer + model from scratch."""
     paths = cfg.tokenizer.corpus if cfg.tokenizer else []
     corpus = read_corpus(resolve_input(f"tokenizer.corpus.{i}", p, ()) for i, p in enumerate(paths))
+    if cfg.from_pretrained is not None:
+        refuse_symlink_loops(cfg.from_pretrained)
     run = StageRun(cfg).start()
     out = run.dir / "model"
     if cfg.from_pretrained is not None:

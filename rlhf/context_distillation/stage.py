@@ -2,10 +2,14 @@
 
 1. for each safety prompt (``is_safety``), sample an answer WITH a safety preprompt (generic,
    or targeted: the prompt's risk category and an answer template) and one without it;
-2. score both with the safety reward model on the prompt WITHOUT the preprompt;
-3. keep the preprompted answer, paired with the plain prompt, only where it scores higher;
+2. score both with the safety reward model on the prompt WITHOUT the preprompt, an answer cut at
+   ``sampling.max_new_tokens`` (no EOS) without the EOS it never generated;
+3. keep the preprompted answer, paired with the plain prompt, only where it scores higher and
+   it was not cut (trained with an EOS it never generated, it would teach the policy to stop
+   mid-sentence; counted as ``dropped_truncated``);
 4. fine-tune on the kept answers through the SFT stage (loss on the answer only);
-5. report how many were kept and the safety-reward shift, mean and low tail, before/after.
+5. report how many were kept, the safety-reward shift, mean and low tail, before/after, and the
+   share of answers cut (``truncation``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from rlhf.context_distillation.config import ContextDistillationConfig, Prepromp
 from rlhf.data import (
     DataConfig, Message, Prompt, SFTExample, load_data, read_records, write_jsonl, write_jsonl_rows,
 )
-from rlhf.generation import Sampler, make_sampler
+from rlhf.generation import Sampler, make_sampler, truncation
 from rlhf.models import inference_dtype, load_policy
 from rlhf.sharding import in_chunks
 from rlhf.training import make_accelerator
@@ -81,6 +85,12 @@ def improved(distilled_scores: Sequence[float], plain_scores: Sequence[float]) -
     return [d > p for d, p in zip(distilled_scores, plain_scores, strict=True)]
 
 
+def kept(rows: Sequence[dict], better: Sequence[bool]) -> list[bool]:
+    """The preprompted answers kept: those that scored ``better``, less empty ones (no example)
+    and ones cut at ``max_new_tokens`` (they never generated the EOS they would be trained with)."""
+    return [b and bool(r["distilled"]) and r["distilled_finished"] for b, r in zip(better, rows, strict=True)]
+
+
 def distilled_examples(prompts: Sequence[Prompt], distilled: Sequence[str], keep: Sequence[bool]) -> list[SFTExample]:
     """The kept answers, each after its prompt WITHOUT the preprompt."""
     return [
@@ -133,17 +143,22 @@ def distill_chunk(part: list[tuple[str, Prompt]], sampler: Sampler, rm, cfg: Pre
     preprompts = [preprompt_for(p, cfg) for _, p in part]
     plain = sampler(prompts, keys)
     distilled = sampler([with_preprompt(m, text, cfg.place) for m, (text, _) in zip(prompts, preprompts)], keys)
-    plain_scores, distilled_scores = rm.score(prompts, plain).tolist(), rm.score(prompts, distilled).tolist()
-    return [{"key": k, "preprompt": kind, "plain": a, "distilled": b, "plain_score": sa, "distilled_score": sb}
-            for k, (_, kind), a, b, sa, sb in zip(keys, preprompts, plain, distilled, plain_scores, distilled_scores)]
+    scores = {side: rm.score(prompts, out.texts, finished=out.finished).tolist()
+              for side, out in (("plain", plain), ("distilled", distilled))}
+    return [{"key": k, "preprompt": kind, "plain": plain.texts[i], "distilled": distilled.texts[i],
+             "plain_score": scores["plain"][i], "distilled_score": scores["distilled"][i],
+             "plain_finished": plain.finished[i], "distilled_finished": distilled.finished[i]}
+            for i, (k, (_, kind)) in enumerate(zip(keys, preprompts))]
 
 
 def safety_answers(run: StageRun, accelerator, name: str, prompts: list[Prompt], sampler: Sampler, rm, size: int) -> list[dict]:
-    """The sampler's answers to ``prompts`` with their safety-reward logits (resumable, sharded)."""
+    """The sampler's answers to ``prompts``, whether each finished, and their safety-reward
+    logits (resumable, sharded)."""
     def work(part: list[tuple[str, Prompt]]) -> list[dict]:
-        answers = sampler([p.messages for _, p in part], [k for k, _ in part])
-        scores = rm.score([p.messages for _, p in part], answers).tolist()
-        return [{"key": k, "answer": a, "score": s} for (k, _), a, s in zip(part, answers, scores)]
+        out = sampler([p.messages for _, p in part], [k for k, _ in part])
+        scores = rm.score([p.messages for _, p in part], out.texts, finished=out.finished).tolist()
+        return [{"key": k, "answer": a, "finished": f, "score": s}
+                for (k, _), a, f, s in zip(part, out.texts, out.finished, scores)]
 
     items = [(f"eval/{i}", p) for i, p in enumerate(prompts)]  # a prompt listed twice draws two answers
     return in_chunks(run.checkpoints / name, items, size, work, accelerator, f"context distillation {name}")
@@ -160,10 +175,10 @@ def gold_summary(prompts: list[Prompt], answers: dict[str, list[dict]]) -> dict[
 
 
 def write_summary(out: Path, rows: list[dict], better: list[bool], keep: list[bool], before: list[float],
-                  after: list[float], gold: dict[str, Any] | None) -> dict[str, Any]:
+                  after: list[float], gold: dict[str, Any] | None, truncated: dict[str, dict]) -> dict[str, Any]:
     """``eval/summary.json`` and ``eval/report.md``: answers kept (by preprompt kind), the
     distilled-vs-plain scores on the training prompts, the policy's shift before/after (and
-    its gold safety and false refusals, when known)."""
+    its gold safety and false refusals, when known), the answers of each set ``truncated``."""
     kinds = sorted({r["preprompt"] for r in rows})
     summary = {
         "prompts": len(rows), "improved": sum(better), "kept": sum(keep), "kept_share": sum(keep) / len(rows),
@@ -171,6 +186,7 @@ def write_summary(out: Path, rows: list[dict], better: list[bool], keep: list[bo
                              "kept": sum(x for r, x in zip(rows, keep) if r["preprompt"] == k)} for k in kinds},
         "preprompted_vs_plain": shift([r["plain_score"] for r in rows], [r["distilled_score"] for r in rows]),
         "policy_before_after": shift(before, after),
+        "truncation": truncated,
         **({"gold": gold} if gold else {}),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -178,13 +194,16 @@ def write_summary(out: Path, rows: list[dict], better: list[bool], keep: list[bo
     s, p = summary["policy_before_after"], summary["preprompted_vs_plain"]
     lines = ["# Safety context distillation", "",
              f"Kept {summary['kept']} of {summary['prompts']} preprompted answers ({summary['kept_share']:.1%}): those the "
-             f"safety reward model scored higher than the plain answer ({summary['improved']}), less empty ones.", "",
+             f"safety reward model scored higher than the plain answer ({summary['improved']}), less empty ones and ones "
+             "cut at sampling.max_new_tokens.", "",
              "Safety reward (logit) | mean | 10th percentile | min", "---|---|---|---",
              f"plain answers (training prompts) | {p['before_mean']:.3f} | {p['before_p10']:.3f} | {p['before_min']:.3f}",
              f"preprompted answers | {p['after_mean']:.3f} | {p['after_p10']:.3f} | {p['after_min']:.3f}",
              f"policy before (eval prompts) | {s['before_mean']:.3f} | {s['before_p10']:.3f} | {s['before_min']:.3f}",
              f"policy after | {s['after_mean']:.3f} | {s['after_p10']:.3f} | {s['after_min']:.3f}",
-             f"shift | {s['shift_mean']:+.3f} | {s['shift_p10']:+.3f} | {s['shift_min']:+.3f}"]
+             f"shift | {s['shift_mean']:+.3f} | {s['shift_p10']:+.3f} | {s['shift_min']:+.3f}", "",
+             "Answers cut at sampling.max_new_tokens (no EOS): " +
+             ", ".join(f"{name} {t['rate']:.1%} ({t['truncated']} of {t['samples']})" for name, t in truncated.items())]
     if gold:
         lines += ["", "Gold judge (eval prompts) | safety (harmful refused) | false refusal (borderline)", "---|---|---"]
         lines += [f"policy {name} | {g['safety']:.1%} | {g['false_refusal']:.1%}" for name, g in gold.items()]
@@ -214,10 +233,13 @@ def run(cfg: ContextDistillationConfig) -> Path:
                      accelerator, "context distillation samples")
     # 3. keep a preprompted answer, after the plain prompt, only where its score improved
     better = improved([r["distilled_score"] for r in rows], [r["plain_score"] for r in rows])
-    keep = [b and bool(r["distilled"]) for b, r in zip(better, rows)]  # an empty answer is no example
+    keep = kept(rows, better)
     examples = distilled_examples(prompts, [r["distilled"] for r in rows], keep)
+    truncated = {side: truncation([r[f"{side}_finished"] for r in rows]) for side in ("plain", "distilled")}
     if not examples:
-        raise RecipeError("preprompt: no preprompted answer scored higher than the plain one; nothing to distill")
+        raise RecipeError(f"preprompt: nothing to distill: of {len(rows)} preprompted answers, {sum(better)} scored higher "
+                          f"than the plain one and {truncated['distilled']['truncated']} were cut at sampling.max_new_tokens="
+                          f"{cfg.sampling.max_new_tokens} (no EOS; a cut answer is never kept)")
     if accelerator.is_main_process:
         (run.dir / "data").mkdir(exist_ok=True)
         write_jsonl(run.dir / "data" / "context_distillation.jsonl", examples, overwrite=True)
@@ -230,16 +252,20 @@ def run(cfg: ContextDistillationConfig) -> Path:
     tuned, _ = load_policy(run.dir / "model", accelerator.device, dtype)
     evaluator = make_sampler(tuned, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
     after = safety_answers(run, accelerator, "eval_after", eval_prompts, evaluator, rm, size)
+    truncated |= {name: truncation([r["finished"] for r in rs]) for name, rs in (("before", before), ("after", after))}
     summary = {}
     if accelerator.is_main_process:
         answers = [{"id": p.id, "prompt": p.messages[-1].content, "before": b["answer"], "before_score": b["score"],
-                    "after": a["answer"], "after_score": a["score"]} for p, b, a in zip(eval_prompts, before, after)]
+                    "before_finished": b["finished"], "after": a["answer"], "after_score": a["score"],
+                    "after_finished": a["finished"]} for p, b, a in zip(eval_prompts, before, after)]
         (run.dir / "eval").mkdir(exist_ok=True)
         write_jsonl_rows(run.dir / "eval" / "answers.jsonl", answers)
         gold = gold_summary(eval_prompts, {"before": before, "after": after})
-        summary = write_summary(run.dir / "eval", rows, better, keep, [r["score"] for r in before], [r["score"] for r in after], gold)
+        summary = write_summary(run.dir / "eval", rows, better, keep, [r["score"] for r in before], [r["score"] for r in after],
+                                gold, truncated)
     shifted = summary.get("policy_before_after", {})
     headline = {"kept": sum(keep), "kept_share": sum(keep) / len(rows),
                 **{f"safety/{k}": shifted[k] for k in ("before_mean", "after_mean", "before_p10", "after_p10") if k in shifted},
-                **{f"gold/{k}/{name}": g[k] for name, g in summary.get("gold", {}).items() for k in ("safety", "false_refusal")}}
-    return run.finish({**metrics, **headline}, data={**counts, **data_counts})
+                **{f"gold/{k}/{name}": g[k] for name, g in summary.get("gold", {}).items() for k in ("safety", "false_refusal")},
+                **{f"truncation_rate/{name}": t["rate"] for name, t in truncated.items()}}
+    return run.finish({**metrics, **headline}, data={**counts, **data_counts, "dropped_truncated": truncated["distilled"]["truncated"]})

@@ -15,6 +15,9 @@ renders it open, so it is neither scored nor trained as a finished answer.
 
 ``template="tokenizer"`` uses the tokenizer's own chat template instead; the mask of each
 assistant turn is what rendering that turn adds to the rendered prefix before it.
+
+``llama2_jinja()`` writes the llama2 format as a Jinja chat template, so that a saved model's
+``tokenizer.apply_chat_template`` speaks the format it was trained on (``rlhf.chat_template``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ LossOn = Literal["all", "last"]
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+CHAT_MARKERS = (B_INST, E_INST, B_SYS.strip(), E_SYS.strip())
 
 
 @dataclass
@@ -110,6 +114,35 @@ def _turns(messages: list[Message]) -> list[tuple[str, str | None]]:
     if system is not None:
         users[0] = f"{B_SYS}{system}{E_SYS}{users[0]}"
     return [(u, answers[i] if i < len(answers) else None) for i, u in enumerate(users)]
+
+
+def llama2_jinja(space_after_bos: bool = False) -> str:
+    """The llama2 format as a Jinja chat template: the text ``render`` tokenizes, with
+    ``bos_token`` and ``eos_token`` where it puts their ids, the same role checks and stripped
+    contents. ``render`` tokenizes each turn's segments apart, and a SentencePiece-style
+    tokenizer starts each such segment with a word boundary that one whole string has only at
+    its start: ``space_after_bos`` writes that boundary out as a space after each BOS."""
+    first = f"' ' + {B_INST!r}" if space_after_bos else repr(B_INST)
+    return "\n".join([  # every tag trims the whitespace around it: the newlines are for readers
+        "{%- if messages and messages[0]['role'] == 'system' -%}",
+        "  {%- set system = messages[0]['content'] | trim -%}{%- set turns = messages[1:] -%}",
+        "{%- else -%}{%- set system = none -%}{%- set turns = messages -%}{%- endif -%}",
+        "{%- if not turns -%}{{ raise_exception('a conversation needs at least one user turn') }}{%- endif -%}",
+        "{%- for m in turns -%}",
+        "  {%- if m['role'] != ['user', 'assistant'][loop.index0 % 2] -%}",
+        "    {{ raise_exception('roles must go: optional system, then user and assistant alternating') }}",
+        "  {%- endif -%}",
+        "  {%- if m['role'] == 'user' -%}",
+        "    {%- set text = m['content'] | trim -%}",
+        "    {%- if loop.first and system is not none -%}",
+        f"      {{%- set text = {B_SYS!r} + system + {E_SYS!r} + text -%}}",
+        "    {%- endif -%}",
+        f"    {{{{- bos_token + {first} + ' ' + text + ' ' + {E_INST!r} -}}}}",
+        "  {%- else -%}",
+        "    {{- ' ' + (m['content'] | trim) + ' ' + eos_token -}}",
+        "  {%- endif -%}",
+        "{%- endfor -%}",
+    ])
 
 
 def _render_llama2(turns: list[tuple[str, str | None]], tokenizer: Any) -> Rendered:

@@ -17,6 +17,9 @@ Torch-free: recipes validate without importing the data libraries.
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -79,6 +82,8 @@ class SourceConfig(Strict):
             raise ValueError("give `path`, `hook`, or both (the path is passed to the hook)")
         if self.hook is not None and not re.fullmatch(r"[^:\s]+:[A-Za-z_]\w*", self.hook):
             raise ValueError(f"hook {self.hook!r}: expected module:function")
+        if self.hook is not None and (missing := missing_module(self.hook)):
+            raise ValueError(f"hook {self.hook!r}: {missing}")
         unknown = sorted(set(self.columns) - set(FIELDS))
         if unknown:
             raise ValueError(f"columns: unknown field(s) {', '.join(unknown)}; "
@@ -90,6 +95,22 @@ class SourceConfig(Strict):
     def rating_table(self) -> dict[str, str]:
         """The ``ratings`` table with string keys and canonical values."""
         return {str(k): RATING_ALIASES.get(v, v) for k, v in (self.ratings or {}).items()}
+
+
+def missing_module(ref: str) -> str | None:
+    """What is wrong with the module of a ``module:function`` (or ``file.py:function``) reference
+    a recipe names, found without running it (the recipe check runs no user code); None if it is
+    there. Its parent packages are imported, as Python does to find it."""
+    module = ref.rpartition(":")[0]
+    if module.endswith(".py"):
+        return None if Path(module).is_file() else f"no file {module}"
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package is missing, or a name like "a..b"
+        found = False
+    # the hook loader also looks in the current directory
+    found = found or importlib.machinery.PathFinder.find_spec(module.split(".")[0], [os.getcwd()]) is not None
+    return None if found else f"no module named {module!r} (importable, or in the current directory)"
 
 
 def default_source_name(path: Path | None, hook: str | None) -> str:

@@ -13,6 +13,7 @@ import csv
 import gzip
 import json
 import re
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,6 +50,9 @@ def read_rows(path: Path, format: str, split: str = "train") -> Iterator[Row]:
         raise DataError([Problem(str(path), None, "path", "no such file or directory")])
     if format == "datasets":
         return _datasets_dir_rows(path, split)
+    if path.is_dir():
+        raise DataError([Problem(str(path), None, "path", f"is a directory; format {format} reads a file "
+                                 "(a `datasets` save_to_disk directory is format: datasets)")])
     readers = {"jsonl": _jsonl_rows, "hh-rlhf": _jsonl_rows, "json": _json_rows,
                "csv": _csv_rows, "parquet": _parquet_rows}
     return readers[format](path)
@@ -58,8 +62,22 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
+@contextmanager
+def _reading(path: Path):
+    """A file that breaks off or is not what its name says: a DataError naming it."""
+    try:
+        yield
+    except EOFError:
+        raise DataError([Problem(str(path), None, "gzip", "truncated: the compressed data ends early "
+                                 "(an interrupted download or copy?)")]) from None
+    except (gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError([Problem(str(path), None, "gzip", f"not a valid gzip file ({exc})")]) from None
+    except OSError as exc:
+        raise DataError([Problem(str(path), None, "path", f"cannot read: {exc.strerror or exc}")]) from None
+
+
 def _first_char(path: Path) -> str:
-    with _open_bytes(path) as f:
+    with _reading(path), _open_bytes(path) as f:
         return f.read(4096).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")[:1]
 
 
@@ -72,12 +90,13 @@ def _decode(raw: bytes, file: str, line: int) -> str | Problem:
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
-    with _open_bytes(path) as f:
+    with _reading(path), _open_bytes(path) as f:
         for number, raw in enumerate(f, start=1):
             text = _decode(raw, str(path), number)
             if isinstance(text, Problem):
                 yield number, text
             elif text.strip():
+                text = text.removeprefix("\ufeff") if number == 1 else text  # a UTF-8 byte order mark
                 yield number, _parse_object(text, str(path), number)
 
 
@@ -86,23 +105,27 @@ def _parse_object(text: str, file: str, line: int) -> dict | Problem:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         return Problem(file, line, "json", f"invalid JSON: {exc.msg} at column {exc.colno}")
+    except RecursionError:
+        return Problem(file, line, "json", "invalid JSON: nested too deeply")
     if not isinstance(obj, dict):
         return Problem(file, line, "json", f"expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
 def _json_rows(path: Path) -> Iterator[Row]:
-    with _open_bytes(path) as f:
+    with _reading(path), _open_bytes(path) as f:
         raw = f.read()
     bad = [p for n, line in enumerate(raw.split(b"\n"), 1)
            if isinstance(p := _decode(line, str(path), n), Problem)]
     if bad:
         raise DataError(bad)
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError([Problem(str(path), exc.lineno, "json", f"invalid JSON: {exc.msg} "
                                  f"at column {exc.colno}")]) from None
+    except RecursionError:
+        raise DataError([Problem(str(path), None, "json", "invalid JSON: nested too deeply")]) from None
     if not isinstance(data, list):
         raise DataError([Problem(str(path), None, "json", "expected a JSON array of objects "
                                  f"(or one object per line), got {type(data).__name__}")])
@@ -143,7 +166,7 @@ def _csv_rows(path: Path) -> Iterator[Row]:
     converted by the row checks); only empty cells are missing."""
     import datasets
 
-    with _open_bytes(path) as f:
+    with _reading(path), _open_bytes(path) as f:
         lines = list(f)
     bad = [p for n, raw in enumerate(lines, 1) if isinstance(p := _decode(raw, str(path), n), Problem)]
     if bad:

@@ -125,5 +125,5 @@ def _import_hook(ref: str) -> Callable:
                 sys.path.append(str(Path.cwd()))
             module = importlib.import_module(module_name)
         return getattr(module, attr)
-    except (ImportError, AttributeError, FileNotFoundError, SyntaxError) as exc:
+    except Exception as exc:  # a user's module may raise anything while it is imported
         raise DataError([Problem(ref, None, "hook", f"cannot load: {type(exc).__name__}: {exc}")]) from None

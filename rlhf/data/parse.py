@@ -31,8 +31,7 @@ class _Row:
         return self.src.columns.get(field, field)
 
     def get(self, field: str) -> Any:
-        value = self.row.get(self.column(field))
-        return None if isinstance(value, float) and math.isnan(value) else value  # an empty cell
+        return self.row.get(self.column(field))  # an empty cell is None (Arrow nulls, CSV "")
 
     def problem(self, field: str, message: str) -> None:
         self.problems.append(Problem(self.file, self.number, field, message, self.unit))
@@ -59,7 +58,17 @@ class _Row:
         if not value.strip():
             self.problem(self.column(field), "empty")
             return None
-        return value
+        return value if self.encodable(self.column(field), value) else None
+
+    def encodable(self, field: str, text: str) -> bool:
+        """Text a tokenizer can take: JSON can spell a lone surrogate ("\\ud800"), UTF-8 cannot."""
+        try:
+            text.encode("utf-8")
+            return True
+        except UnicodeEncodeError as exc:
+            self.problem(field, f"not valid Unicode: a lone surrogate {text[exc.start]!r} at character "
+                         f"{exc.start + 1}")
+            return False
 
     def label(self, field: str) -> str | None:
         """An optional id-like value: a string or an integer, as a string."""
@@ -110,7 +119,7 @@ class _Row:
             self.wrong_type(f"{name}.content", "a string", content)
         elif not content.strip():
             self.problem(f"{name}.content", "empty")
-        else:
+        elif self.encodable(f"{name}.content", content):
             return Message(role, content)
         return None
 
@@ -249,5 +258,6 @@ def _prompt(r: _Row) -> Prompt | None:
     meta = r.get("meta")
     if meta is not None and not isinstance(meta, dict):
         r.wrong_type(r.column("meta"), "an object", meta)
+        meta = None
     return Prompt(messages, bool(is_safety), r.label("source") or r.src.name, r.label("id"),
                   dict(meta or {}))

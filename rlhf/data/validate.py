@@ -54,6 +54,9 @@ def run_validate(path: str, kind: str, format: str = "auto",
         print("\n".join(str(p) for p in loaded.problems))
         print(f"{len(loaded.problems)} problem(s) in {loaded.bad_rows} of {loaded.rows} rows")
         return 1
+    if not loaded.rows:
+        print(f"{path}: no rows (the file is empty)")
+        return 1
     print(f"{path}: {kind}, no problems")
     print(summarize(kind, loaded.records))
     return 0

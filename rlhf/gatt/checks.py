@@ -13,6 +13,8 @@ import re
 from importlib import import_module
 from typing import Callable
 
+from rlhf.config import RecipeError
+
 Checker = Callable[[str, str], bool]
 
 _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
@@ -84,5 +86,5 @@ def get_checker(name: str) -> Checker:
     module, _, attr = name.partition(":")
     try:
         return getattr(import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"checker {name!r}: cannot load: {exc}") from None
+    except Exception as exc:  # a user's module may raise anything while it is imported
+        raise RecipeError(f"checker {name!r}: cannot load: {type(exc).__name__}: {exc}") from None

@@ -22,8 +22,8 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from rlhf.config import POLICY_KINDS, ModelConfig, SamplingConfig, StageConfig, Strict, placeholders
-from rlhf.data.config import SourceConfig
-from rlhf.gatt.checks import is_checker_name
+from rlhf.data.config import SourceConfig, missing_module
+from rlhf.gatt.checks import CHECKERS, is_checker_name
 from sft.config import GenerationDataConfig, ReplayConfig, SFTTrainConfig
 
 
@@ -54,6 +54,8 @@ class Constraint(Strict):
                 raise ValueError(f"{key}: `{{value}}` and `values` go together (one without the other)")
         if self.checker is not None and not is_checker_name(self.checker):
             raise ValueError(f"checker: {self.checker!r} is neither a known checker nor module:function")
+        if self.checker is not None and self.checker not in CHECKERS and (missing := missing_module(self.checker)):
+            raise ValueError(f"checker: {self.checker!r}: {missing}")
         return self
 
 

@@ -3,18 +3,23 @@ system instruction over many turns.
 
 1. build dialogues [u1, ..., un] from the user turns of prompts, and draw an instruction for
    each from the recipe's constraint lists (random combinations, half the time shortened);
-2. append the instruction to EVERY user turn and sample the answers with the latest policy;
+2. append the instruction to EVERY user turn and sample the answers with the latest policy; a
+   dialogue stops at an answer cut at ``sampling.max_new_tokens`` (no EOS): its later turns
+   would be sampled, and trained, after an answer the policy never finished;
 3. keep the instruction in the first user turn only, and train (through the SFT stage) with the
-   loss on the last assistant turn only: every previous turn, answers included, is context;
+   loss on the last assistant turn only: every previous turn, answers included, is context. An
+   example whose last answer was cut is left out (trained with an EOS it never generated, it
+   would teach the policy to stop mid-sentence) and counted (``dropped_truncated``);
 4. evaluate on held-out dialogues with the instruction in the first turn only: the share of
-   answers at each depth that still follow it, before and after.
+   answers at each depth that still follow it, before and after (every turn of every dialogue,
+   cut answers included), and the share of answers cut (``truncation_rate/*``).
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import reduce
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -24,7 +29,7 @@ from rlhf.config import RecipeError
 from rlhf.data import Message, Prompt, SFTExample, load_data, read_records, write_jsonl, write_jsonl_rows
 from rlhf.gatt.checks import OBEY, get_checker
 from rlhf.gatt.config import Constraint, GAttConfig, InstructionsConfig
-from rlhf.generation import Sampler, make_sampler
+from rlhf.generation import Sampler, make_sampler, truncation
 from rlhf.models import inference_dtype, load_policy
 from rlhf.sharding import in_chunks
 from rlhf.training import make_accelerator
@@ -39,12 +44,14 @@ class Instruction:
 
 @dataclass
 class Dialogue:
-    """User turns, the instruction, and the answers sampled so far (one per finished turn)."""
+    """User turns, the instruction, and the answers sampled so far (one per answered turn),
+    each ``finished`` or cut at ``max_new_tokens``."""
 
     users: list[str]
     instruction: Instruction
     answers: list[str]
     key: str = ""
+    finished: list[bool] = field(default_factory=list)  # per answer: it ended with EOS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,15 +158,20 @@ def conversation(d: Dialogue, turns: int, instruction_in: str) -> list[Message]:
     return messages
 
 
-def sample_turns(dialogues: list[Dialogue], turns: int, sampler: Sampler, instruction_in: str) -> None:
-    """Answer every dialogue turn by turn, all dialogues batched at each turn."""
+def sample_turns(dialogues: list[Dialogue], turns: int, sampler: Sampler, instruction_in: str,
+                 stop_at_truncated: bool = False) -> None:
+    """Answer every dialogue turn by turn, all dialogues batched at each turn. With
+    ``stop_at_truncated`` a dialogue whose last answer was cut at ``max_new_tokens`` is not
+    answered further, so a cut answer is always its dialogue's last."""
     for depth in range(turns):
-        todo = [d for d in dialogues if len(d.answers) == depth and depth < len(d.users)]
+        todo = [d for d in dialogues if len(d.answers) == depth and depth < len(d.users)
+                and (all(d.finished) or not stop_at_truncated)]
         if not todo:
             continue
-        answers = sampler([conversation(d, depth + 1, instruction_in) for d in todo], [f"{d.key}/{depth}" for d in todo])
-        for d, answer in zip(todo, answers):
+        out = sampler([conversation(d, depth + 1, instruction_in) for d in todo], [f"{d.key}/{depth}" for d in todo])
+        for d, answer, finished in zip(todo, out.texts, out.finished):
             d.answers.append(answer)
+            d.finished.append(finished)
 
 
 def training_examples(d: Dialogue, every_depth: bool) -> list[SFTExample]:
@@ -230,11 +242,13 @@ def dialogue_users(cfg: GAttConfig) -> tuple[list[list[str]], list[list[str]], d
     return train_users, eval_users, {**data.counts(), "dialogues": len(train_users), "eval_dialogues": len(eval_users)}
 
 
-def answer_dialogues(run: StageRun, accelerator, name: str, dialogues: list[Dialogue], turns: int, sampler: Sampler, instruction_in: str, size: int) -> list[Dialogue]:
-    """Fresh copies of ``dialogues`` answered turn by turn (resumable, sharded over processes)."""
+def answer_dialogues(run: StageRun, accelerator, name: str, dialogues: list[Dialogue], turns: int, sampler: Sampler,
+                     instruction_in: str, size: int, stop_at_truncated: bool = False) -> list[Dialogue]:
+    """Fresh copies of ``dialogues`` answered turn by turn (``sample_turns``; resumable, sharded
+    over processes)."""
     def work(part: list[Dialogue]) -> list[dict]:
-        part = [replace(d, answers=[]) for d in part]
-        sample_turns(part, turns, sampler, instruction_in)
+        part = [replace(d, answers=[], finished=[]) for d in part]
+        sample_turns(part, turns, sampler, instruction_in, stop_at_truncated)
         return [asdict(d) for d in part]
 
     rows = in_chunks(run.checkpoints / name, dialogues, size, work, accelerator, f"gatt {name}")
@@ -243,28 +257,37 @@ def answer_dialogues(run: StageRun, accelerator, name: str, dialogues: list[Dial
 
 
 def gatt_examples(sampled: list[Dialogue], cfg: GAttConfig) -> tuple[list[SFTExample], dict[str, int]]:
-    """Training examples of the sampled dialogues. Left out (and counted): examples with an
-    empty answer, and with ``keep: following`` those whose last answer the instruction's
-    checker rejects."""
-    examples, counts = [], {"dropped_empty_answer": 0, "dropped_not_following": 0}
+    """Training examples of the sampled dialogues. Left out (and counted): examples whose last
+    answer was cut at ``max_new_tokens`` (the EOS they would be trained with was never
+    generated), examples with an empty answer, and with ``keep: following`` those whose last
+    answer the instruction's checker rejects."""
+    examples, counts = [], {"dropped_truncated": 0, "dropped_empty_answer": 0, "dropped_not_following": 0}
     for d in sampled:
         for example in training_examples(d, cfg.data.every_depth):
             answers = [m.content for m in example.messages if m.role == "assistant"]
-            if not all(answers):
+            if not d.finished[len(answers) - 1]:
+                counts["dropped_truncated"] += 1
+            elif not all(answers):
                 counts["dropped_empty_answer"] += 1
             elif cfg.data.keep == "following" and follows(answers[-1], d.instruction, cfg.instructions.constraints) is False:
                 counts["dropped_not_following"] += 1
             else:
                 examples.append(example)
     if not examples:
-        raise RecipeError("data.keep: no sampled answer follows its instruction, so there is nothing "
-                          "to train on; the policy cannot follow these instructions even when repeated")
+        raise RecipeError(
+            f"data: no training example is left of {sum(counts.values())} examples: {counts['dropped_truncated']} ended "
+            f"with an answer cut at sampling.max_new_tokens={cfg.sampling.max_new_tokens} (no EOS: raise it), "
+            f"{counts['dropped_empty_answer']} with an empty answer, {counts['dropped_not_following']} with one its "
+            "instruction's checker rejects (data.keep: following: the policy cannot follow these instructions "
+            "even when repeated)")
     return examples, counts
 
 
-def write_eval(out: Path, results: dict[str, list[Dialogue]], constraints: Sequence[Constraint]) -> dict[str, Any]:
+def write_eval(out: Path, results: dict[str, list[Dialogue]], constraints: Sequence[Constraint],
+               truncated: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """``eval/gatt.json`` (follow rate by depth, before and after), ``eval/<name>.jsonl`` (the
-    answered dialogues with verdicts) and ``eval/report.md``; returns the rates."""
+    answered dialogues with verdicts and which answers finished) and ``eval/report.md`` (with
+    the ``truncated`` answers of each set); returns the rates."""
     out.mkdir(parents=True, exist_ok=True)
     rates = {name: follow_rates(ds, constraints) for name, ds in results.items()}
     for name, ds in results.items():
@@ -280,6 +303,8 @@ def write_eval(out: Path, results: dict[str, list[Dialogue]], constraints: Seque
     for k in depths:
         cells = [f"{r[k]['follow']:.1%} ({r[k]['judged']})" if k in r else "-" for r in rates.values()]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    lines += ["", "Answers cut at sampling.max_new_tokens (no EOS): " +
+              ", ".join(f"{name} {t['rate']:.1%} ({t['truncated']} of {t['samples']})" for name, t in truncated.items())]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return rates
 
@@ -298,9 +323,10 @@ def run(cfg: GAttConfig) -> Path:
     held_out = make_dialogues(eval_users, cfg.instructions, cfg.seed, "eval", checked_only=True)
     size, constraints = cfg.sampling.batch_size, cfg.instructions.constraints
     # 2. the policy on held-out dialogues (instruction in the first turn only), then the
-    #    training answers sampled with the instruction in every user turn
+    #    training answers sampled with the instruction in every user turn (a dialogue stops at a cut answer)
     before = answer_dialogues(run, accelerator, "eval_before", held_out, cfg.eval.turns, evaluator, "first", size)
-    sampled = answer_dialogues(run, accelerator, "samples", dialogues, cfg.data.turns, sampler, "every", size)
+    sampled = answer_dialogues(run, accelerator, "samples", dialogues, cfg.data.turns, sampler, "every", size,
+                               stop_at_truncated=True)
     # 3. keep the instruction in the first turn only, train on the last answer of each example
     examples, kept = gatt_examples(sampled, cfg)
     if accelerator.is_main_process:
@@ -312,8 +338,9 @@ def run(cfg: GAttConfig) -> Path:
     tuned, _ = load_policy(run.dir / "model", accelerator.device, dtype)
     evaluator = make_sampler(tuned, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
     after = answer_dialogues(run, accelerator, "eval_after", held_out, cfg.eval.turns, evaluator, "first", size)
-    rates = {}
-    if accelerator.is_main_process:
-        rates = write_eval(run.dir / "eval", {"sampled": sampled, "before": before, "after": after}, constraints)
-    headline = {f"follow/{name}/turn_{k}": r["follow"] for name in ("before", "after") for k, r in rates.get(name, {}).items()}
+    results = {"sampled": sampled, "before": before, "after": after}
+    truncated = {name: truncation([f for d in ds for f in d.finished]) for name, ds in results.items()}
+    rates = write_eval(run.dir / "eval", results, constraints, truncated) if accelerator.is_main_process else {}
+    headline = {**{f"follow/{name}/turn_{k}": r["follow"] for name in ("before", "after") for k, r in rates.get(name, {}).items()},
+                **{f"truncation_rate/{name}": t["rate"] for name, t in truncated.items()}}
     return run.finish({**metrics, **headline}, data={**counts, **kept, **rows})

@@ -1,10 +1,12 @@
 """The PPO stage (Llama 2, Sec. 3.2.3): optimise the safety-gated reward with a KL penalty.
 
 One iteration: sample a response to each of ``prompts_per_iteration`` prompts, score it with
-both reward models and gate (a response cut at ``max_new_tokens`` is scored without an EOS and
-lowered by ``missing_eos_penalty``), whiten, subtract the KL penalty per token, estimate
-advantages with GAE, then run ``train.epochs`` PPO epochs over mini-batches of ``train.batch_size`` rollouts
-(one optimizer step per mini-batch, for the policy and the critic each). The math lives in
+both reward models and gate (a reward model that shares the policy's tokens reads the generated
+ids, another the decoded text re-rendered: the manifest's ``reward_scoring``; a response cut at
+``max_new_tokens`` is scored without an EOS and lowered by ``missing_eos_penalty``), whiten,
+subtract the KL penalty per token, estimate advantages with GAE, then run ``train.epochs`` PPO
+epochs over mini-batches of ``train.batch_size`` rollouts (one optimizer step per mini-batch, for
+the policy and the critic each). The math lives in
 ``rlhf.rewards`` and ``rlhf.ppo.losses``; this module wires it.
 
 Several processes: each samples, scores and runs the frozen forwards for its share of the
@@ -30,8 +32,10 @@ from typing import Any
 
 import torch
 
-from reward_model.model import RewardModel, load_reward_model
+from reward_model.model import RewardModel, load_reward_model, sample_probabilities, scoring
 from rlhf.artifacts import InputError, StageRun, model_dir, read_manifest
+from rlhf.chat_template import warn_chat_format
+from rlhf.tracking import start_trackers
 from rlhf.config import RecipeError
 from rlhf.data import Prompt, render_prompt
 from rlhf.data.load import load_data
@@ -45,7 +49,7 @@ from rlhf.progress import Progress
 from rlhf.rewards import kl_penalty, logit, penalize_truncated, safety_gate, token_rewards, whiten
 from rlhf.training import (
     disable_dropout, epoch_order, latest_checkpoint, lr_factor, make_accelerator, make_optimizer, micro_batches,
-    prepare_model, resume, save_checkpoint, save_model, warmup_steps,
+    prepare_model, register_json_state, resume, save_checkpoint, save_model, warmup_steps,
 )
 
 
@@ -61,6 +65,7 @@ class Models:
     critic: RewardModel  # read at every response position: V(state before each token)
     helpfulness: RewardModel
     safety: RewardModel
+    scoring: dict[str, str]  # how each reward model reads the samples (``reward_model.model.scoring``)
 
 
 @dataclass
@@ -124,7 +129,7 @@ def collect_rollouts(accelerator, models, batch: list, seeds: list[int], cfg: PP
         # 2. score with both reward models and gate (probability scale); a truncated response
         #    is read without an EOS and its R_c lowered by missing_eos_penalty
         with timer("scoring"):
-            r_h, r_s = score_both(models, [p for p, _ in batch], samples, cfg, accelerator.device)
+            r_h, r_s = score_both(models, batch, samples, cfg, accelerator.device)
             is_safety = torch.tensor([float(p.is_safety) for p, _ in batch], device=accelerator.device)
             finished = torch.tensor(samples.finished, dtype=torch.float, device=accelerator.device)
             gated = safety_gate(r_h, r_s, is_safety, cfg.gate_threshold)
@@ -148,6 +153,7 @@ def run(cfg: PPOConfig) -> Path:
     check_sizes(cfg, world)
     models = load_models(cfg, accelerator.device)
     prompts, counts = load_prompts(cfg.data, cfg, models.tokenizer)
+    warn_chat_format(accelerator.print, cfg.stage, models.tokenizer, cfg.data.template, [p for p, _ in prompts], cfg)
     held_out = load_prompts(cfg.early_stop.data, cfg, models.tokenizer)[0] if cfg.early_stop.data else None
     optimizers, schedulers, early, start = start_training(accelerator, run, models, held_out, cfg)
     progress = Progress(cfg.ppo.iterations, "ppo", initial=start)
@@ -234,7 +240,8 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
     frozen = {"dtype": inference_dtype(cfg.train.mixed_precision, device)}
     helpfulness = freeze(load_reward_model(cfg.helpfulness_rm_from, **frozen), rm_device)
     safety = freeze(load_reward_model(cfg.safety_rm_from, **frozen), rm_device)
-    return Models(tokenizer, policy, ref, critic.train(), helpfulness, safety)
+    ways = scoring({"helpfulness": helpfulness, "safety": safety}, tokenizer, cfg.data.template)
+    return Models(tokenizer, policy, ref, critic.train(), helpfulness, safety, ways)
 
 
 def start_training(accelerator, run: StageRun, models: Models, held_out, cfg: PPOConfig) -> tuple[list, list, EarlyStop, int]:
@@ -244,11 +251,10 @@ def start_training(accelerator, run: StageRun, models: Models, held_out, cfg: PP
     optimizers, schedulers = make_optimizers(cfg, models)
     models.policy, models.critic, *optimizers = accelerator.prepare(models.policy, models.critic, *optimizers)
     early = EarlyStop()
-    accelerator.register_for_checkpointing(*schedulers, early)
+    register_json_state(accelerator, *schedulers, early)  # JSON, not a pickle a checkpoint could plant
     start = resume(accelerator, run.checkpoints)
     run.truncate_metrics(start if start else -1)  # a fresh start logs its step-0 evaluation again
-    if accelerator.log_with and not accelerator.trackers:
-        accelerator.init_trackers(run.dir.name)
+    start_trackers(accelerator, run)
     if held_out and start == 0:
         reward = evaluate(accelerator, models, held_out, cfg)
         update_early_stop(early, reward, 0, accelerator, run, cfg)
@@ -312,14 +318,18 @@ def on_device(model: torch.nn.Module, device, offload: bool):
             model.to("cpu")
 
 
-def score_both(models: Models, prompts: list[Prompt], samples: Samples, cfg: PPOConfig, device) -> list[torch.Tensor]:
-    """R_h, R_s (B,): sigmoid of each reward model's logit; a response cut at max_new_tokens is
-    read at its last token, without the EOS it never generated."""
-    conversations = [p.messages for p in prompts]
+def score_both(models: Models, batch: list[tuple[Prompt, list[int]]], samples: Samples, cfg: PPOConfig, device) -> list[torch.Tensor]:
+    """R_h, R_s (B,): sigmoid of each reward model's logit for the samples to the (prompt, prompt
+    ids) of ``batch``, read from the generated ids where it shares the policy's tokens, else from
+    the texts (``models.scoring``); a response cut at max_new_tokens is read at its last token,
+    without the EOS it never generated."""
+    conversations, prompt_ids = [p.messages for p, _ in batch], [ids for _, ids in batch]
     out = []
-    for rm in (models.helpfulness, models.safety):
+    for name in ("helpfulness", "safety"):
+        rm = getattr(models, name)
         with on_device(rm, device, cfg.ppo.offload_reward_models):
-            scores = rm.probabilities(conversations, samples.texts, cfg.ppo.forward_tokens, samples.finished)
+            scores = sample_probabilities(rm, models.scoring[name], conversations, samples.texts, samples.finished,
+                                          prompt_ids, samples.response_ids, cfg.ppo.forward_tokens)
             out.append(scores.float().to(device))
     return out
 
@@ -456,7 +466,7 @@ def evaluate(accelerator, models: Models, held_out: list[tuple[Prompt, list[int]
     if mine:
         with torch.no_grad(), accelerator.autocast():
             samples = generate(policy, [ids for _, ids in mine], [0] * len(mine), models.tokenizer, cfg, greedy=True)
-            r_h, r_s = score_both(models, [p for p, _ in mine], samples, cfg, accelerator.device)
+            r_h, r_s = score_both(models, mine, samples, cfg, accelerator.device)
         is_safety = torch.tensor([float(p.is_safety) for p, _ in mine], device=accelerator.device)
         gated = safety_gate(r_h, r_s, is_safety, cfg.gate_threshold)
         finished = torch.tensor(samples.finished, device=accelerator.device)
@@ -480,7 +490,7 @@ def finish(accelerator, run: StageRun, models: Models, early: EarlyStop, metrics
     """Save ``model/`` (the policy: the best held-out one when evaluating) and ``critic/``."""
     if early.best_iteration >= 0:
         accelerator.load_state(str(latest_checkpoint(run.checkpoints / "best")))
-    save_model(accelerator, models.policy, models.tokenizer, run.dir / "model", cfg.policy.lora)
-    save_model(accelerator, models.critic, models.tokenizer, run.dir / "critic", cfg.critic.lora)
+    save_model(accelerator, models.policy, models.tokenizer, run.dir / "model", cfg.policy.lora, cfg.data.template)
+    save_model(accelerator, models.critic, models.tokenizer, run.dir / "critic", cfg.critic.lora, cfg.data.template)
     extra = {"best_iteration": early.best_iteration, "best_eval_reward": early.best} if early.best_iteration >= 0 else {}
-    return run.finish(metrics, data=counts, **extra)
+    return run.finish(metrics, data=counts, reward_scoring=models.scoring, **extra)

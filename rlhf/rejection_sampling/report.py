@@ -10,6 +10,7 @@ from typing import Any, Sequence
 
 from rlhf.artifacts import write_json_atomic
 from rlhf.data import write_jsonl_rows
+from rlhf.generation import truncation
 from rlhf.rejection_sampling.pool import Item
 
 
@@ -68,11 +69,9 @@ def plot_curves(path: Path, curves: dict[str, dict], title: str, median: bool = 
     plt.close(fig)
 
 
-def truncation(samples: dict[str, dict]) -> dict[str, Any]:
+def sample_truncation(samples: dict[str, dict]) -> dict[str, Any]:
     """How many of the samples were cut at ``max_new_tokens`` (no EOS): samples, truncated, rate."""
-    flags = [f for v in samples.values() for f in v["finished"]]
-    cut = flags.count(False)
-    return {"samples": len(flags), "truncated": cut, "rate": cut / len(flags) if flags else 0.0}
+    return truncation([f for v in samples.values() for f in v["finished"]])
 
 
 def write_report(out: Path, items, samples, scores, sweep_scores, changes, round_no) -> dict:
@@ -85,7 +84,7 @@ def write_report(out: Path, items, samples, scores, sweep_scores, changes, round
     sweep = {f"{t:g}": average_curves({k: [s["reward"] for s in v] for k, v in sc.items()}, list(sc))
              for t, sc in sweep_scores.items() if sc}
     summary = {"round": round_no, "best_of_k": curves, "temperature_sweep": sweep, "pool": changes,
-               "truncation": truncation(samples),
+               "truncation": sample_truncation(samples),
                "categories_max_at_K": {name: c["max"][-1] for name, c in curves.items()}}
     (out / "report").mkdir(exist_ok=True)
     write_json_atomic(out / "report" / "summary.json", summary)

@@ -6,8 +6,9 @@
    samples are the same whatever the process count;
 2. score every response with both reward models and gate them (``rlhf.rewards.safety_gate``):
    R_c = R_s if the prompt is a safety prompt or R_s < threshold, else R_h (probabilities); a
-   response cut at ``max_new_tokens`` (no EOS) is scored without an EOS and its R_c lowered by
-   ``missing_eos_penalty`` (``rlhf.rewards.penalize_truncated``);
+   reward model that shares the policy's tokens reads the generated ids, another the texts
+   (``reward_scoring`` in the manifest); a response cut at ``max_new_tokens`` (no EOS) is scored
+   without an EOS and its R_c lowered by ``missing_eos_penalty`` (``rlhf.rewards.penalize_truncated``);
 3. the pool (``pool``): the previous round's pool (``pool_from``), re-scored under the current reward models
    when they differ from the ones that scored it, keeps each prompt's best response so far; this
    round's best of K replaces an entry only if its R_c is higher; truncated samples are no
@@ -26,13 +27,13 @@ from __future__ import annotations
 
 import gc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from reward_model.model import load_reward_model
+from reward_model.model import load_reward_model, sample_probabilities, scoring
 from rlhf.artifacts import StageRun, model_dir, read_manifest
 from rlhf.config import RecipeError
 from rlhf.data import Prompt, load_data, read_jsonl_rows, render_prompt, write_jsonl_rows
@@ -43,7 +44,7 @@ from rlhf.rejection_sampling.pool import (
     POOL, Item, entry_finished, entry_prompt, pool_entry, pool_examples, prompt_key, read_pool, update_pool,
 )
 from rlhf.rejection_sampling.config import RejectionSamplingConfig
-from rlhf.rejection_sampling.report import truncation, write_report
+from rlhf.rejection_sampling.report import sample_truncation, write_report
 from rlhf.rewards import penalize_truncated, safety_gate
 from rlhf.training import make_accelerator
 from sft.stage import fine_tune_generated
@@ -83,13 +84,14 @@ def gather_dict(accelerator, mine: dict) -> dict:
 
 def sample_bucket(policy, tokenizer, bucket: Sequence[Item], k: int, temperature: float,
                   cfg: RejectionSamplingConfig, round_no: int) -> dict[str, dict[str, list]]:
-    """key -> {"responses": K texts, "tokens": K lengths, "finished": K flags (ended with EOS)};
-    row j of a prompt is seeded with (seed, key, round, j), so it draws the same tokens in any batch."""
+    """key -> {"responses": K texts, "response_ids": their K generated ids, "tokens": K lengths,
+    "finished": K flags (ended with EOS)}; row j of a prompt is seeded with (seed, key, round, j),
+    so it draws the same tokens in any batch."""
     rows = [item.ids for item in bucket for _ in range(k)]
     seeds = [row_seed(cfg.seed, item.key, round_no, j) for item in bucket for j in range(k)]
     s = cfg.sampling
     out = sample(policy, tokenizer, rows, seeds, s.max_new_tokens, temperature, s.top_p, batch_size=len(rows))
-    return {item.key: {"responses": out.texts[i * k : (i + 1) * k],
+    return {item.key: {"responses": out.texts[i * k : (i + 1) * k], "response_ids": out.response_ids[i * k : (i + 1) * k],
                        "tokens": [len(r) for r in out.response_ids[i * k : (i + 1) * k]],
                        "finished": out.finished[i * k : (i + 1) * k]}
             for i, item in enumerate(bucket)}
@@ -126,19 +128,29 @@ class RewardModels:
     helpfulness: torch.nn.Module
     safety: torch.nn.Module
     fingerprints: dict[str, str]  # which reward models scored: {"helpfulness": fp, "safety": fp}
+    # how each reads generated samples (``reward_model.model.scoring``)
+    scoring: dict[str, str] = field(default_factory=lambda: {"helpfulness": "text", "safety": "text"})
 
 
 def score_pairs(accelerator, rms: RewardModels, prompts: Sequence[Prompt], responses: Sequence[str],
-                threshold: float, finished: Sequence[bool] | None = None, penalty: float | None = None) -> list[dict[str, Any]]:
+                threshold: float, finished: Sequence[bool] | None = None, penalty: float | None = None,
+                ids: tuple[Sequence[list[int]], Sequence[list[int]]] | None = None) -> list[dict[str, Any]]:
     """R_h, R_s (probabilities), R_c and whether the gate chose R_s, per pair; a response not
     ``finished`` (default: all are) is scored without an EOS and its R_c lowered by ``penalty``.
-    The pairs are split over the processes and gathered."""
+    ``ids``: the (prompt ids, response ids) generated, read by the reward models that share the
+    policy's tokens (``rms.scoring``); without them every one reads the texts. The pairs are
+    split over the processes and gathered."""
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(responses), world))
     conversations, texts = [prompts[i].messages for i in mine], [responses[i] for i in mine]
     ended = [True if finished is None else finished[i] for i in mine]
-    helpfulness = rms.helpfulness.probabilities(conversations, texts, finished=ended)  # (n,)
-    safety = rms.safety.probabilities(conversations, texts, finished=ended)  # (n,)
+    generated = [[part[i] for i in mine] for part in ids] if ids else [None, None]
+
+    def probabilities(name: str) -> torch.Tensor:  # (n,)
+        way = rms.scoring[name] if ids else "text"
+        return sample_probabilities(getattr(rms, name), way, conversations, texts, ended, *generated)
+
+    helpfulness, safety = probabilities("helpfulness"), probabilities("safety")
     gated = safety_gate(helpfulness, safety, torch.tensor([prompts[i].is_safety for i in mine], dtype=torch.bool), threshold)
     reward = penalize_truncated(gated.reward, torch.tensor(ended, dtype=torch.bool), penalty)  # (n,)
     scores = {i: {"helpfulness": float(h), "safety": float(s), "reward": float(r), "used_safety": bool(u)}
@@ -153,7 +165,9 @@ def score_samples(accelerator, rms: RewardModels, items: Sequence[Item], samples
     prompts = [item.prompt for item in items for _ in samples[item.key]["responses"]]
     responses = [r for item in items for r in samples[item.key]["responses"]]
     finished = [f for item in items for f in samples[item.key]["finished"]]
-    flat = iter(score_pairs(accelerator, rms, prompts, responses, threshold, finished, penalty))
+    ids = ([item.ids for item in items for _ in samples[item.key]["responses"]],
+           [r for item in items for r in samples[item.key]["response_ids"]])
+    flat = iter(score_pairs(accelerator, rms, prompts, responses, threshold, finished, penalty, ids))
     return {item.key: [next(flat) for _ in samples[item.key]["responses"]] for item in items}
 
 
@@ -215,12 +229,12 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     del policy
     _free_memory()
     # 2. score every sample with both reward models, gated; 3. re-score the old pool if needed
-    rms = _load_reward_models(cfg, stage, accelerator.device, dtype)
+    rms = _load_reward_models(cfg, stage, accelerator.device, dtype, tokenizer)
     penalty = cfg.missing_eos_penalty
     scores = score_samples(accelerator, rms, items, samples, cfg.gate_threshold, penalty)
     sweep_scores = {t: score_samples(accelerator, rms, sweep_items, s, cfg.gate_threshold, penalty) for t, s in sweep.items()}
     rescored = rescore_stale(accelerator, rms, previous, cfg.gate_threshold, penalty)
-    reward_models = rms.fingerprints
+    reward_models, reward_scoring = rms.fingerprints, rms.scoring
     del rms
     _free_memory()
     model = {"path": str(cfg.policy_from), "fingerprint": stage.inputs["policy_from"]["fingerprint"]}
@@ -245,11 +259,12 @@ def run(cfg: RejectionSamplingConfig) -> Path:
         "pool_size": len(pool), "pool_reward_mean": _mean(e["reward"] for e in pool.values()),
         **{f"pool_{k}": v for k, v in changes.items()},
         "response_tokens_mean": tokens / max(1, len(items) * cfg.sampling.k),
-        "truncation_rate": truncation(samples)["rate"],
+        "truncation_rate": sample_truncation(samples)["rate"],
         "sampling_tokens_per_s": generated / sampling_s if generated else None,
         **train_metrics,
     }
-    return stage.finish(metrics, round=round_no, data={**counts, **data_counts}, report=summary.get("categories_max_at_K"))
+    return stage.finish(metrics, round=round_no, data={**counts, **data_counts}, report=summary.get("categories_max_at_K"),
+                        reward_scoring=reward_scoring)
 
 
 def _previous_round(pool_from: Path | None, pool: dict[str, dict]) -> int:
@@ -259,12 +274,13 @@ def _previous_round(pool_from: Path | None, pool: dict[str, dict]) -> int:
     return max((int(e.get("round", 0)) for e in pool.values()), default=0)
 
 
-def _load_reward_models(cfg: RejectionSamplingConfig, stage: StageRun, device, dtype) -> RewardModels:
-    return RewardModels(
-        load_reward_model(cfg.helpfulness_rm_from, device, dtype=dtype),
-        load_reward_model(cfg.safety_rm_from, device, dtype=dtype),
-        {"helpfulness": stage.inputs["helpfulness_rm_from"]["fingerprint"], "safety": stage.inputs["safety_rm_from"]["fingerprint"]},
-    )
+def _load_reward_models(cfg: RejectionSamplingConfig, stage: StageRun, device, dtype, tokenizer) -> RewardModels:
+    """Both reward models, their fingerprints, and how each reads the samples of the policy
+    (``tokenizer``, ``data.template``)."""
+    rms = {"helpfulness": load_reward_model(cfg.helpfulness_rm_from, device, dtype=dtype),
+           "safety": load_reward_model(cfg.safety_rm_from, device, dtype=dtype)}
+    fingerprints = {name: stage.inputs[f"{name}_rm_from"]["fingerprint"] for name in rms}
+    return RewardModels(rms["helpfulness"], rms["safety"], fingerprints, scoring(rms, tokenizer, cfg.data.template))
 
 
 def _free_memory() -> None:
