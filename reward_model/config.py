@@ -24,12 +24,12 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from rlhf.data.config import DataConfig, RatingLabel, SourceConfig
+from rlhf.data.config import DataConfig, LengthLimit, RatingLabel, SourceConfig
 from rlhf.data.records import RATING_ALIASES, RATINGS
 from rlhf.config import POLICY_KINDS, ModelConfig, StageConfig, Strict, Template, TrainConfig
 
 
-class RMDataConfig(DataConfig):
+class RMDataConfig(DataConfig, LengthLimit):
     """Preference pairs, mixed as ``mixture`` says; each pair is rendered as prompt + response
     twice (chosen, rejected), and the reward is read at the last token of each."""
 

@@ -1,6 +1,7 @@
 """Evaluating a reward model on preference pairs, the way Llama 2 reports it (Sec. 3.2.2):
 accuracy overall and per rating (Table 8), per safety-label category, the recall of unsafe
-responses at a score threshold, and calibration (predicted preference probability vs observed).
+responses at a score threshold, calibration (predicted preference probability vs observed), and
+length bias (``length_bias``: how much the rewards follow response length).
 
 ``eval/`` holds ``metrics.json`` ({test set: results}), ``summary.json`` (every test set pooled),
 ``report.md`` and two plots. The pure
@@ -71,6 +72,36 @@ def calibration(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) -> dict
     return {"bins": rows, "ece": ece}
 
 
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    """Pearson correlation; None for fewer than 2 points or a constant series.
+    [1, 2, 3] vs [1, 3, 2]: cov 1/3, variances 2/3 and 2/3 -> 0.5."""
+    n = len(xs)
+    if n < 2:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    cov = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    vx, vy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return cov / (vx * vy) ** 0.5 if vx > 0 and vy > 0 else None
+
+
+def length_bias(chosen: Sequence[float], rejected: Sequence[float], chosen_lengths: Sequence[int],
+                rejected_lengths: Sequence[int]) -> dict[str, Any]:
+    """``reward_length_correlation``: Pearson correlation of reward with response length over
+    every response of the pairs; ``longer_wins``: the accuracy of the length-only baseline "the
+    longer answer is the chosen one" (equal lengths count half), to set beside the reward
+    model's accuracy."""
+    pairs = len(chosen_lengths)
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen_lengths, rejected_lengths))
+    return {"reward_length_correlation": pearson([*map(float, chosen), *map(float, rejected)],
+                                                 [*chosen_lengths, *rejected_lengths]),
+            "longer_wins": wins / pairs if pairs else None}
+
+
+def response_length(text: str) -> int:
+    """The length a length bias is measured in: words (the same for every tokenizer)."""
+    return len(text.split())
+
+
 def evaluate_rewards(
     chosen: torch.Tensor, rejected: torch.Tensor, pairs: Sequence[PreferencePair], threshold: float, bins: int
 ) -> dict[str, Any]:
@@ -82,6 +113,8 @@ def evaluate_rewards(
         "mean_reward_chosen": float(chosen.mean()) if len(pairs) else 0.0,
         "mean_reward_rejected": float(rejected.mean()) if len(pairs) else 0.0,
         "calibration": calibration(chosen, rejected, bins),
+        "length_bias": length_bias(chosen.tolist(), rejected.tolist(), [response_length(p.chosen) for p in pairs],
+                                   [response_length(p.rejected) for p in pairs]),
     }
     categories = [safety_category(p) for p in pairs]
     if any(c is not None for c in categories):
@@ -135,6 +168,10 @@ def markdown(results: dict[str, dict]) -> str:
                       "| " + " | ".join(_pct(r["per_safety_category"], c) for c in CATEGORIES) + " |", "",
                       f"Unsafe responses flagged by sigmoid(r) < {u['threshold']}: recall {_ratio(u['recall'])}, "
                       f"precision {_ratio(u['precision'])} ({u['flagged']} flagged, {u['unsafe']} unsafe)."]
+    lines += ["", "Length bias (correlation of reward with response length in words; accuracy of \"the longer "
+              "answer wins\"): " + ", ".join(f"{name} {_ratio(r['length_bias']['reward_length_correlation'])}, "
+                                             f"{_ratio(r['length_bias']['longer_wins'])}"
+                                             for name, r in results.items() if "length_bias" in r)]
     lines += ["", "Calibration (expected calibration error): "
               + ", ".join(f"{name} {r['calibration']['ece']:.3f}" for name, r in results.items()), ""]
     return "\n".join(lines)
@@ -183,12 +220,25 @@ def pooled(results: dict[str, dict]) -> dict[str, Any]:
             c[0] += round(cell["accuracy"] * cell["pairs"])
             c[1] += cell["pairs"]
     correct, pairs = counts.get("all", [0, 0])
+    biased = [r for r in results.values() if "length_bias" in r]
     return {
         "accuracy": correct / max(1, pairs), "pairs": pairs,
         "per_rating": {k: {"accuracy": counts[k][0] / counts[k][1], "pairs": counts[k][1]}
                        for k in (*RATINGS, "unlabelled") if k in counts},
         "test_sets": {name: r["accuracy"] for name, r in results.items()},
+        **({"length_bias": _pooled_length_bias(biased)} if biased else {}),
     }
+
+
+def _pooled_length_bias(results: list[dict]) -> dict[str, float | None]:
+    """Each test set's ``length_bias``, averaged weighted by its pairs (for ``longer_wins`` this
+    is the pooled accuracy)."""
+    out = {}
+    for key in ("reward_length_correlation", "longer_wins"):
+        cells = [(r["length_bias"][key], r["pairs"]) for r in results if r["length_bias"][key] is not None]
+        weight = sum(n for _, n in cells)
+        out[key] = sum(v * n for v, n in cells) / weight if weight else None
+    return out
 
 
 def write_eval(results: dict[str, dict], out_dir: Path) -> Path:

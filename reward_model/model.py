@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf.artifacts import model_dir
+from rlhf.artifacts import InputError, model_dir
 from rlhf.data.chat import render, unfinished
 from rlhf.data.records import Message
 from rlhf.models import load_policy, load_tokenizer
@@ -212,6 +212,19 @@ def sample_probabilities(rm: RewardModel, way: str, prompts: Sequence[Sequence[M
     return rm.probabilities(prompts, texts, batch_tokens=batch_tokens, finished=finished)
 
 
+def check_classifier(path: Path) -> None:
+    """An InputError unless ``path/config.json`` is a one-label sequence classifier (a causal LM
+    would load with a random score head and fail later in a shape mismatch)."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return  # transformers names the missing file
+    config = json.loads(config_file.read_text())
+    archs = config.get("architectures") or ["unknown"]
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or len(config.get("id2label") or {0: ""}) != 1:
+        raise InputError(f"{path}: not a reward model (architecture {', '.join(archs)}); expected a reward_model stage "
+                         "directory or a Hugging Face sequence classifier with one output (num_labels 1)")
+
+
 def load_reward_model(path: str | Path, device: str | torch.device | None = None, **load_kwargs: Any) -> RewardModel:
     """A saved reward model (a reward_model stage directory or its ``model/``), in eval mode.
     A LoRA adapter saved unmerged is applied to a reward model built from its base."""
@@ -225,7 +238,24 @@ def load_reward_model(path: str | Path, device: str | torch.device | None = None
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = PeftModel.from_pretrained(init_reward_model(base, classifier_pad_id(tokenizer), **load_kwargs), path)
     else:
+        check_classifier(path)
         model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, **load_kwargs)
     info = json.loads((path / REWARD_CONFIG).read_text()) if (path / REWARD_CONFIG).is_file() else {}
     rm = RewardModel(model, tokenizer, info.get("template", "llama2"), info.get("max_length"))
     return rm.to(device).eval() if device is not None else rm.eval()
+
+
+def load_judge(cfg, device: str | torch.device | None = None):
+    """The judge of a ``rlhf.config.JudgeConfig`` (``rlhf.judge``): gold, a user's hook, or a
+    reward model read as sigmoid(r) of each (prompt, response) text; None when none is set."""
+    from rlhf.judge import text_judge
+
+    if cfg.reward_model_from is None:
+        return text_judge(cfg)
+    rm = load_reward_model(cfg.reward_model_from, device)
+
+    def scores(prompts, responses) -> list[float]:
+        with torch.no_grad():
+            return rm.probabilities([p.messages for p in prompts], list(responses)).float().tolist()
+
+    return scores

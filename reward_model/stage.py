@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlhf.artifacts import StageRun, model_dir
 from rlhf.chat_template import warn_chat_format
-from rlhf.models import load_tokenizer
+from rlhf.models import fit_max_length, load_tokenizer
 from rlhf.training import make_accelerator, prepare_model, save_model, train_loop
 from reward_model.config import RewardModelConfig
 from reward_model.data import build_pairs, collate, load_pairs, rm_loss
@@ -30,6 +30,7 @@ def run(cfg: RewardModelConfig) -> Path:
     source = model_dir(cfg.model_from)
     tokenizer = load_tokenizer(source)
     hf = init_reward_model(source, classifier_pad_id(tokenizer), cfg.seed, attn_implementation=cfg.model.attn_implementation)
+    cfg = cfg.model_copy(update={"data": fit_max_length(cfg.data, hf, cfg.stage, accelerator.print)})
     hf = prepare_model(hf, cfg.model, task_type="SEQ_CLS", modules_to_save=["score"])
     model = RewardModel(hf, tokenizer, cfg.data.template, cfg.data.max_length)
     # 2. data: held-out pairs of each source set aside, the rest mixed, tokenized once

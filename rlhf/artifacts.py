@@ -224,7 +224,7 @@ def resolve_input(field: str, path: Path, kinds: tuple[str, ...]) -> Path:
     of an accepted kind; ``"hf"`` in ``kinds`` also admits a plain Hugging Face model dir."""
     path = Path(path)
     if not path.exists():
-        raise InputError(f"{field}: {path}: does not exist")
+        raise InputError(f"{field}: {path}: does not exist{_hub_hint(field, path, kinds)}")
     if not kinds:
         return path
     manifest = read_manifest(path)
@@ -243,6 +243,18 @@ def resolve_input(field: str, path: Path, kinds: tuple[str, ...]) -> Path:
             f"{field}: {path}: is the output of a '{manifest.get('stage')}' stage; expected {wanted}"
         )
     return path
+
+
+def _hub_hint(field: str, path: Path, kinds: tuple[str, ...]) -> str:
+    """How to use a Hugging Face hub model id where a local model directory is expected."""
+    from rlhf.data.formats import is_hub_id
+
+    if "hf" not in kinds or not is_hub_id(str(path)):
+        return ""
+    local = f"models/{path.name}"
+    return (f" as a local directory; as a Hugging Face hub model id it is not fetched (a run records "
+            f"its inputs' content, so models are local): download it where there is internet, e.g. "
+            f"`hf download {path} --local-dir {local}`, and set {field}: {local}")
 
 
 def model_dir(path: Path) -> Path:

@@ -21,6 +21,18 @@ _EPILOG = """examples:
 """
 
 
+_FORMAT_HELP = "auto (from the file name), jsonl, json, csv, parquet, datasets, hh-rlhf"
+
+
+def _data_format(text: str) -> str:
+    """An argparse type: a format the data layer reads (else a usage error, exit 2)."""
+    from rlhf.data.config import FORMATS
+
+    if text not in FORMATS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(FORMATS)}, got {text!r}")
+    return text
+
+
 def _at_least(low: float, kind: type):
     """An argparse type: a number of ``kind`` no smaller than ``low`` (else a usage error, exit 2)."""
     def parse(text: str):
@@ -74,7 +86,7 @@ def _add_tools(sub) -> None:
     v = data_sub.add_parser("validate", help="check a data file; list problems as FILE:LINE: field: message")
     v.add_argument("file")
     v.add_argument("--kind", required=True, choices=["sft", "preference", "prompts"])
-    v.add_argument("--format", default="auto", help="auto (from the extension), jsonl, json, csv, parquet, datasets, hh-rlhf")
+    v.add_argument("--format", type=_data_format, default="auto", help=_FORMAT_HELP)
     v.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
                    help="map a canonical field to your column, e.g. --column prompt=goal (repeatable)")
     v.add_argument("--is-safety", choices=["true", "false"], help="prompts: is_safety of rows that do not state it")
@@ -83,7 +95,7 @@ def _add_tools(sub) -> None:
     p = sub.add_parser("eval-rm", help="evaluate a reward model on a preference file; print JSON")
     p.add_argument("model_dir", help="a reward_model stage directory or a Hugging Face classifier")
     p.add_argument("data", help="preference pairs in any format the data layer reads (e.g. HH-RLHF)")
-    p.add_argument("--format", default="auto")
+    p.add_argument("--format", type=_data_format, default="auto", help=_FORMAT_HELP)
     p.add_argument("--threshold", type=float, default=0.15, help="unsafe-response recall at this probability")
     p.add_argument("--max-pairs", type=int, help="evaluate only the first N pairs")
     p.add_argument("--out", help="also write the JSON, Markdown and plots into this directory")
@@ -106,7 +118,7 @@ def _add_round_commands(sub) -> None:
     r.add_argument("run", type=Path, help="the run directory")
     r.add_argument("--helpfulness", type=Path, help="helpfulness preference pairs")
     r.add_argument("--safety", type=Path, help="safety preference pairs")
-    r.add_argument("--format", default="auto")
+    r.add_argument("--format", type=_data_format, default="auto", help=_FORMAT_HELP)
     r.set_defaults(func=_cmd_round_add_batch)
     r = round_sub.add_parser("run", help="run the next round (or finish an interrupted one)")
     r.add_argument("run", type=Path)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import string
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -21,10 +21,25 @@ class RecipeError(Exception):
 
 class Strict(BaseModel):
     """Base of every config model: unknown keys are errors, and so are non-finite numbers
-    (``lr: .inf`` would train to NaN weights, ``epochs: 1e400`` is inf)."""
+    (``lr: .inf`` would train to NaN weights, ``epochs: 1e400`` is inf) and true/false where a
+    number belongs (pydantic would read ``max_steps: true`` as 1)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data: Any) -> Any:
+        for name, value in data.items() if isinstance(data, dict) else ():
+            field = cls.model_fields.get(name)
+            if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+                raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+        return data
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether a field takes numbers and not booleans: int, float, or an optional/union of them."""
+    kinds = set(get_args(annotation)) or {annotation}
+    return bool(kinds & {int, float}) and bool not in kinds
 
 
 # How a stage is logged, not what it computes: outside the config hash (and the model card).
@@ -94,6 +109,39 @@ class PromptSamplingConfig(SamplingConfig):
     """Sampling from a set of prompts, the overlong ones left out."""
 
     max_prompt_length: int = Field(1024, gt=0, description="Prompts of more tokens are left out (counted).")
+
+
+class JudgeConfig(Strict):
+    """An independent judge of a policy's answers, never optimised against: its scores sit beside
+    the proxy rewards (metrics, manifest, report). At most one of ``gold``, ``reward_model_from``,
+    ``hook``; none set: no judge."""
+
+    gold: bool = Field(False, description="The quickstart world's gold judge (rlhf.world.judge): "
+                       "gold helpfulness, or 1/0 for a refusal/compliance on a harmful prompt; every "
+                       "prompt must carry the world's meta ({task, answer}).")
+    reward_model_from: Path | None = Field(None, description="A reward_model stage the stage does not "
+                                           "optimise (e.g. trained on a held-out part of the preference "
+                                           "data); its sigmoid(r) is the judge score.")
+    hook: str | None = Field(None, pattern=r"^.+:[A-Za-z_]\w*$", description="`module:function` or "
+                             "`file.py:function`, called as function(prompts, responses) -> one number per "
+                             "response (prompts: rlhf.data.Prompt records; responses: texts), e.g. an "
+                             "LLM-as-judge served locally or a rule.")
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> "JudgeConfig":
+        if sum((self.gold, self.reward_model_from is not None, self.hook is not None)) > 1:
+            raise ValueError("set at most one of gold, reward_model_from, hook")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.gold or self.reward_model_from is not None or self.hook is not None
+
+    def check_independent(self, *proxies: Path) -> None:
+        """A judge that is one of the reward models the stage optimises is no judge."""
+        if self.reward_model_from is not None and any(Path(self.reward_model_from) == Path(p) for p in proxies):
+            raise ValueError(f"judge.reward_model_from: {self.reward_model_from} is a reward model this stage "
+                             "optimises; the judge must be another one")
 
 
 class TrainConfig(Strict):

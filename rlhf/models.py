@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -66,6 +66,21 @@ def load_policy(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         # the adapter loads (AutoPeftModelForCausalLM) from any working directory
         model = AutoModelForCausalLM.from_pretrained(source.resolve(), dtype=dtype, local_files_only=True, **kwargs)
     return model.to(device).eval(), load_tokenizer(source)
+
+
+def fit_max_length(data: Any, model: Any, stage: str, say: Callable[[str], None]) -> Any:
+    """A stage's ``data`` config whose ``max_length`` the model can take: unchanged when it is at
+    most the model's ``max_position_embeddings``; else an InputError (``longer_than_model:
+    fail``) or, with a warning through ``say``, a copy clamped to the limit (``clamp``)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is None or data.max_length <= limit:
+        return data
+    over = f"{stage}: data.max_length {data.max_length} exceeds the model's max_position_embeddings {limit}"
+    if data.longer_than_model == "fail":
+        raise InputError(f"{over}; set data.max_length to at most {limit}, or data.longer_than_model=clamp "
+                         "to use the model's limit")
+    say(f"[rlhf] warning: {over}; using data.max_length={limit} (data.longer_than_model=clamp)")
+    return data.model_copy(update={"max_length": limit})
 
 
 def inference_dtype(mixed_precision: str, device: str | torch.device) -> torch.dtype:

@@ -18,19 +18,21 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from rlhf.data.config import DataConfig
+from rlhf.data.config import DataConfig, LengthLimit
 from rlhf.config import POLICY_KINDS, ModelConfig, StageConfig, Strict, Template, TrainConfig
 
 
-class SFTDataConfig(DataConfig):
+class SFTDataConfig(DataConfig, LengthLimit):
     """Conversations ending with an assistant turn, rendered and masked for the loss."""
 
     max_length: int = Field(4096, gt=1, description="Tokens per training sequence (packed row).")
     packing: bool = Field(True, description="Concatenate examples into rows of max_length, each "
                           "example attending only to itself; off = one example per row.")
-    overlong: Literal["truncate", "drop"] = Field(
-        "truncate", description="Examples longer than max_length: cut to max_length or left out "
-        "(both counted in the manifest).")
+    overlong: Literal["truncate", "drop", "keep_end"] = Field(
+        "truncate", description="Examples longer than max_length: cut to max_length, left out, or "
+        "`keep_end`: their earliest exchanges (a user turn and its answer) dropped whole until they "
+        "fit, the system prompt kept (then cut if the last exchange alone is too long); all counted "
+        "in the manifest.")
     loss_on: Literal["all", "last"] = Field(
         "all", description="Train on every assistant turn, or only the last (Ghost Attention).")
     template: Template = Field(

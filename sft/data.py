@@ -8,13 +8,13 @@ example predicts nothing, never the first token of the next.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from rlhf.data import DataError, Problem, Rendered, SFTExample, render
+from rlhf.data import DataError, Message, Problem, Rendered, SFTExample, render
 from rlhf.data.chat import unfinished
 from sft.config import SFTDataConfig
 from rlhf.packing import best_fit_rows, pack_sequences
@@ -78,8 +78,32 @@ def tokenize(examples: Sequence[SFTExample], tokenizer: Any, cfg: SFTDataConfig)
     return rendered
 
 
+def without_first_exchange(messages: Sequence[Message]) -> list[Message] | None:
+    """The conversation less its first user turn and the answers to it, a system prompt kept;
+    None when only one exchange is left."""
+    head = list(messages[:1]) if messages[0].role == "system" else []
+    body = messages[len(head):]
+    later = next((i for i, m in enumerate(body) if i > 0 and m.role == "user"), None)
+    return None if later is None else [*head, *body[later:]]
+
+
+def keep_ends(examples: Sequence[SFTExample], rendered: list[Rendered], tokenizer: Any,
+              cfg: SFTDataConfig) -> tuple[list[Rendered], int]:
+    """Overlong examples re-rendered without their earliest exchanges until they fit (or one is
+    left); returns the examples and how many lost turns."""
+    out, shortened = [], 0
+    for example, first in zip(examples, rendered):
+        r, messages = first, example.messages
+        while len(r.ids) > cfg.max_length and (messages := without_first_exchange(messages)) is not None:
+            r = tokenize([replace(example, messages=messages)], tokenizer, cfg)[0]
+        shortened += r is not first
+        out.append(r)
+    return out, shortened
+
+
 def fit_length(rendered: list[Rendered], max_length: int, overlong: str) -> tuple[list[Rendered], dict[str, int]]:
-    """Cut (``truncate``) or leave out (``drop``) examples over ``max_length``; leave out any
+    """Cut (``truncate``, and ``keep_end`` once turns are dropped) or leave out (``drop``)
+    examples over ``max_length``; leave out any
     example left with no loss token. Returns the kept examples and the counts."""
     kept, counts = [], {"truncated": 0, "dropped_overlong": 0, "dropped_no_loss": 0}
     for r in rendered:
@@ -112,14 +136,18 @@ def build_rows(
     examples: Sequence[SFTExample], tokenizer: Any, cfg: SFTDataConfig
 ) -> tuple[list[SFTRow], dict[str, int]]:
     """The stage's training rows and the counts its manifest records."""
-    kept, counts = fit_length(tokenize(examples, tokenizer, cfg), cfg.max_length, cfg.overlong)
+    rendered, kept_end = tokenize(examples, tokenizer, cfg), 0
+    if cfg.overlong == "keep_end":
+        rendered, kept_end = keep_ends(examples, rendered, tokenizer, cfg)
+    kept, counts = fit_length(rendered, cfg.max_length, cfg.overlong)
     if not kept:
         raise DataError([Problem("sft data", None, "messages", f"none of the {len(examples)} "
                                  "examples has an answer token within data.max_length")])
     rows = make_rows(kept, cfg.max_length, cfg.packing)
     tokens = sum(r.num_tokens for r in rows)
     counts = {
-        "examples": len(examples), "examples_used": len(kept), **counts, "packed_rows": len(rows),
+        "examples": len(examples), "examples_used": len(kept), "kept_end": kept_end, **counts,
+        "packed_rows": len(rows),
         "tokens": tokens, "loss_tokens": sum(r.loss_units for r in rows),
         "row_fill": round(tokens / (len(rows) * cfg.max_length), 4),
     }

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from rlhf.artifacts import StageRun
 from rlhf.chat_template import warn_chat_format
 from rlhf.data import SFTExample, load_data
-from rlhf.models import load_policy
+from rlhf.models import fit_max_length, load_policy
 from rlhf.packing import needs_one_row
 from rlhf.training import make_accelerator, prepare_model, save_model, train_loop
 from sft.config import SFTConfig
@@ -31,11 +31,12 @@ def fine_tune(run: StageRun, accelerator, source: Path, examples: Sequence[SFTEx
     the data counts."""
     # 1. model and tokenizer
     model, tokenizer = load_policy(source, attn_implementation=cfg.model.attn_implementation)
+    data_cfg = fit_max_length(cfg.data, model, cfg.stage, accelerator.print)
     model = prepare_model(model, cfg.model)
     # 2. data: rendered, fitted to max_length and packed once (after a warning if the tokenizer
     #    breaks the chat markers or drops characters)
     warn_chat_format(accelerator.print, cfg.stage, tokenizer, cfg.data.template, examples, cfg)
-    rows, counts = build_rows(examples, tokenizer, cfg.data)
+    rows, counts = build_rows(examples, tokenizer, data_cfg)
     accelerator.print(
         f"[rlhf] {cfg.stage}: {counts['examples_used']}/{counts['examples']} examples in {counts['packed_rows']} rows "
         f"(truncated {counts['truncated']}, dropped {counts['dropped_overlong'] + counts['dropped_no_loss']})"

@@ -100,3 +100,13 @@ def test_ppo_refuses_greedy_rollouts():
 def test_ppo_refuses_nucleus_sampling():
     with pytest.raises(RecipeError, match="sampling.top_p: 0.9 samples from the nucleus"):
         _load("ppo", sampling={"top_p": 0.9})
+
+
+@pytest.mark.parametrize("group, key", [("train", "max_steps"), ("train", "lr"), ("sampling", "k")])
+def test_true_or_false_where_a_number_belongs_is_an_error(group, key):
+    with pytest.raises(RecipeError, match=f"r.yaml: {group}: {key}: expected a number, got true"):
+        _load("rejection_sampling", **{group: {key: True}})
+
+
+def test_booleans_still_parse_where_they_belong():
+    assert _load("sft", model={"gradient_checkpointing": True}).model.gradient_checkpointing is True

@@ -110,7 +110,9 @@ def test_fail_lists_every_source_and_skip_counts(tmp_path):
     with pytest.raises(DataError) as err:
         load_data(DataConfig(sources=sources), "preference", seed=0)
     assert str(err.value).splitlines() == [f"{a}:2: rejected: identical to chosen",
-                                           f"{b}:1: json: invalid JSON: Expecting value at column 1"]
+                                           f"{b}:1: json: invalid JSON: Expecting value at column 1",
+                                           "set data.on_error=skip to drop these 2 rows; they are "
+                                           "counted in the manifest"]
     data = load_data(DataConfig(sources=sources, on_error="skip"), "preference", seed=0)
     assert len(data.records) == 2
     assert data.counts() == {"rows": 2, "parts": {}, "sources": {

@@ -99,6 +99,9 @@ def test_kl_limit_stops_and_keeps_the_last_good_checkpoint(world, tmp_path):
         # iteration 1: KL 0; iteration 2: small; iteration 3 is past the limit after two big steps
         run(_cfg(world, out, **{"ppo.iterations": 4, "ppo.kl_estimator": "k3", "ppo.max_kl": _kl_after_two(world, tmp_path)}))
     assert not (out / "manifest.json").exists()
+    from rlhf.cli import _user_errors
+
+    assert issubclass(TrainingStopped, _user_errors())  # the CLI prints it, exit 2, no traceback
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000001"]
 
 

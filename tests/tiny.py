@@ -196,3 +196,15 @@ def override(data: dict, overrides: dict) -> dict:
 def read_jsonl(path: Path) -> list[dict]:
     """The rows of a JSON-lines file."""
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def hh_rows(path: Path, pairs: list[tuple[list[str], str, str]]) -> Path:
+    """An HH-RLHF JSONL file: each pair is (the shared turns, alternating Human/Assistant from
+    Human, the chosen answer, the rejected answer)."""
+    def transcript(turns: list[str], answer: str) -> str:
+        speakers = ("Human", "Assistant")
+        return "".join(f"\n\n{speakers[i % 2]}: {t}" for i, t in enumerate(turns)) + f"\n\nAssistant: {answer}"
+
+    lines = [json.dumps({"chosen": transcript(t, c), "rejected": transcript(t, r)}) for t, c, r in pairs]
+    path.write_text("\n".join(lines) + "\n")
+    return path

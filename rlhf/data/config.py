@@ -22,11 +22,11 @@ import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
-from rlhf.data.records import RATING_ALIASES
+from rlhf.data.records import RATING_ALIASES, RATINGS
 from rlhf.config import Strict, Template
 
 RatingLabel = Literal[
@@ -40,6 +40,41 @@ FIELDS = (
 _COMPRESSION = (".gz",)
 
 
+class ScoreGapRating(Strict):
+    """``rating`` derived from two score columns: the gap ``score(chosen) - score(rejected)``
+    gets the strongest rating whose smallest gap it reaches."""
+
+    chosen: str = Field(description="Column of the chosen response's score (`a.b` reads key b of "
+                        "object column a, e.g. `metadata.score_chosen`).")
+    rejected: str = Field(description="Column of the rejected response's score (`a.b` as for `chosen`).")
+    gaps: dict[RatingLabel, float] = Field(
+        min_length=1, description="Smallest gap of each rating, e.g. `{significantly_better: 4, "
+        "better: 2, slightly_better: 1, negligibly_better: 0.5}`; stronger ratings need larger "
+        "gaps. A gap below every entry (a tie) or a negative one is a problem of the row.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScoreGapRating":
+        table = self.table()
+        gaps = list(table.values())
+        if len(table) != len(self.gaps) or min(gaps) <= 0 or any(a <= b for a, b in zip(gaps, gaps[1:])):
+            raise ValueError("gaps: expected one positive gap per rating, larger for stronger ratings "
+                             f"({' > '.join(RATINGS)}), got {self.gaps}")
+        return self
+
+    def table(self) -> dict[str, float]:
+        """Canonical rating -> smallest gap, strongest first (``unsure`` is negligibly_better)."""
+        canonical = {RATING_ALIASES.get(k, k): v for k, v in self.gaps.items()}
+        return {r: canonical[r] for r in RATINGS if r in canonical}
+
+    def rating(self, gap: float) -> str | None:
+        """The rating of a score gap; None for a gap below every entry."""
+        return next((r for r, smallest in self.table().items() if gap >= smallest), None)
+
+
+Format = Literal["auto", "jsonl", "json", "csv", "parquet", "datasets", "hh-rlhf"]
+FORMATS: tuple[str, ...] = get_args(Format)
+
+
 class SourceConfig(Strict):
     """One data source: a file or directory in a known format, or a Python hook."""
 
@@ -47,7 +82,7 @@ class SourceConfig(Strict):
         None, description="File or directory to read (JSONL, JSON, CSV, Parquet, a `datasets` "
         "save_to_disk directory, HH-RLHF transcripts; `.gz` allowed for JSON/JSONL/CSV). "
         "Passed to the hook as its first argument when `hook` is set.")
-    format: Literal["auto", "jsonl", "json", "csv", "parquet", "datasets", "hh-rlhf"] = Field(
+    format: Format = Field(
         "auto", description="`auto` picks by name: a directory is a `datasets` dir, "
         "`.jsonl[.gz]` JSONL, `.json` a JSON array (or JSONL when it starts with `{`), `.csv`, "
         "`.parquet`. Preference rows with no prompt whose responses hold "
@@ -57,29 +92,50 @@ class SourceConfig(Strict):
         "iterable of records (rlhf.data dataclasses) or of rows (dicts in the canonical or "
         "column-mapped shape), called as `function([path,] **hook_args)`.")
     hook_args: dict[str, Any] = Field({}, description="Keyword arguments for the hook.")
+    hub: str | None = Field(
+        None, description="A Hugging Face hub dataset id (e.g. `Anthropic/hh-rlhf`), or a local "
+        "directory in hub layout, read with `datasets.load_dataset` (with `split`, `subset`, "
+        "`revision`); instead of `path`. Rows are read as from any other format.")
+    subset: str | None = Field(None, description="`hub`: the dataset's configuration (subset) name.")
+    revision: str | None = Field(None, description="`hub`: a branch, tag or commit of the dataset repo.")
     name: str | None = Field(
         None, description="Source name (used by `mixture`, stored on each record, counted in "
         "the manifest). Default: the file name without its extensions, or the hook function.")
     columns: dict[str, str] = Field(
         {}, description="Canonical field -> the user's column name, e.g. "
-        "`{prompt: question, chosen: good, rejected: bad}`. Unmapped fields use their own name.")
+        "`{prompt: question, chosen: good, rejected: bad}`; `a.b` reads key b of object column a, "
+        "`a.0` item 0 of list column a (`{chosen: response.0, rejected: response.1}`). Unmapped "
+        "fields use their own name.")
     ratings: dict[int | str, RatingLabel] | None = Field(
         None, description="The user's rating labels -> canonical ratings, e.g. "
         "`{1: significantly_better, 2: better, 3: slightly_better, 4: negligibly_better}`. "
         "Canonical labels (any case, spaces or hyphens for underscores, `unsure`) are always "
         "accepted; any other label is a problem.")
+    rating_from_scores: ScoreGapRating | None = Field(
+        None, description="Preference sources: derive `rating` from a score column per response "
+        "(instead of a `rating` column), e.g. `{chosen: metadata.score_chosen, rejected: "
+        "metadata.score_rejected, gaps: {significantly_better: 4, better: 2, slightly_better: 1, "
+        "negligibly_better: 0.5}}`.")
+    chosen_safe: bool | None = Field(
+        None, description="Preference sources: `chosen_safe` of rows that do not state it (e.g. "
+        "true for PKU-SafeRLHF pairs built with the safe response chosen).")
+    rejected_safe: bool | None = Field(
+        None, description="Preference sources: `rejected_safe` of rows that do not state it.")
     is_safety: bool | None = Field(
         None, description="Prompt sources: `is_safety` of rows that do not state it (e.g. true "
         "for AdvBench). Without it, rows must state `is_safety`.")
     batch: str | None = Field(
         None, description="Preference sources: batch id of rows that do not state one "
         "(e.g. the week the comparisons were collected).")
-    split: str = Field("train", description="Split to read when a `datasets` dir holds several.")
+    split: str = Field("train", description="Split to read when a `datasets` dir or a `hub` "
+                       "dataset holds several.")
 
     @model_validator(mode="after")
     def _check(self) -> "SourceConfig":
-        if self.path is None and self.hook is None:
-            raise ValueError("give `path`, `hook`, or both (the path is passed to the hook)")
+        if self.hub is not None and (self.path is not None or self.hook is not None):
+            raise ValueError("give `hub` alone, or `path` and/or `hook`")
+        if self.path is None and self.hook is None and self.hub is None:
+            raise ValueError("give `path`, `hook`, or both (the path is passed to the hook), or `hub`")
         if self.hook is not None and not re.fullmatch(r"[^:\s]+:[A-Za-z_]\w*", self.hook):
             raise ValueError(f"hook {self.hook!r}: expected module:function")
         if self.hook is not None and (missing := missing_module(self.hook)):
@@ -89,7 +145,7 @@ class SourceConfig(Strict):
             raise ValueError(f"columns: unknown field(s) {', '.join(unknown)}; "
                              f"fields are {', '.join(FIELDS)}")
         if self.name is None:
-            self.name = default_source_name(self.path, self.hook)
+            self.name = self.hub.rstrip("/").rsplit("/", 1)[-1] if self.hub else default_source_name(self.path, self.hook)
         return self
 
     def rating_table(self) -> dict[str, str]:
@@ -201,6 +257,14 @@ def check_mixture(parts: list[MixturePart], source_names: list[str]) -> None:
         raise ValueError("mixture: when one part gives a share, every part must")
     if shares and abs(sum(shares) - 1) > 1e-6:
         raise ValueError(f"mixture: shares must sum to 1, got {sum(shares):g}")
+
+
+class LengthLimit(Strict):
+    """How a stage's ``max_length`` meets the model's ``max_position_embeddings``."""
+
+    longer_than_model: Literal["fail", "clamp"] = Field(
+        "fail", description="When max_length exceeds the model's max_position_embeddings: `fail` "
+        "stops the stage before training; `clamp` warns and uses the model's limit.")
 
 
 class PromptDataConfig(DataConfig):

@@ -24,11 +24,13 @@ Row = tuple[int, "dict[str, Any] | Problem"]
 
 # Unit of the numbers each format reports (see Problem).
 UNITS = {"jsonl": "line", "hh-rlhf": "line", "csv": "line", "json": "record",
-         "parquet": "record", "datasets": "record", "hook": "record"}
+         "parquet": "record", "datasets": "record", "hook": "record", "hub": "record"}
 
 
 def detect_format(path: Path) -> str:
     """The format of ``path`` judged by its name (and the first byte of a ``.json`` file)."""
+    if not path.exists():
+        raise DataError([_missing(path)])
     if path.is_dir():
         return "datasets"
     name = path.name.lower().removesuffix(".gz")
@@ -47,7 +49,7 @@ def read_rows(path: Path, format: str, split: str = "train") -> Iterator[Row]:
     """Rows of a file in ``format`` (not ``auto``); ``split`` picks the split of a ``datasets``
     dir that holds several. Raises DataError if the file cannot be read at all."""
     if not path.exists():
-        raise DataError([Problem(str(path), None, "path", "no such file or directory")])
+        raise DataError([_missing(path)])
     if format == "datasets":
         return _datasets_dir_rows(path, split)
     if path.is_dir():
@@ -56,6 +58,17 @@ def read_rows(path: Path, format: str, split: str = "train") -> Iterator[Row]:
     readers = {"jsonl": _jsonl_rows, "hh-rlhf": _jsonl_rows, "json": _json_rows,
                "csv": _csv_rows, "parquet": _parquet_rows}
     return readers[format](path)
+
+
+def is_hub_id(text: str) -> bool:
+    """``owner/name`` that is no local file nor names one: what a Hugging Face hub id looks like."""
+    return (not Path(text).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None
+            and re.search(r"\.(jsonl|json|csv|parquet|gz)$", text, re.IGNORECASE) is None)
+
+
+def _missing(path: Path) -> Problem:
+    hint = f" (for the hub dataset {str(path)!r}, give `hub: {path}` instead of `path:`)" if is_hub_id(str(path)) else ""
+    return Problem(str(path), None, "path", f"no such file or directory{hint}")
 
 
 def _open_bytes(path: Path):
@@ -193,6 +206,21 @@ def _datasets_dir_rows(path: Path, split: str) -> Iterator[Row]:
             raise DataError([Problem(str(path), None, "split", f"no split {split!r} "
                                      f"(splits: {', '.join(ds)})")])
         ds = ds[split]
+    return enumerate(ds, start=1)
+
+
+def hub_rows(name: str, subset: str | None, split: str, revision: str | None) -> Iterator[Row]:
+    """Rows of a Hugging Face hub dataset (or a local directory in hub layout), through
+    ``datasets.load_dataset``; a DataError naming it when it cannot be had."""
+    with _quiet_datasets() as datasets:
+        try:
+            ds = datasets.load_dataset(name, subset, split=split, revision=revision)
+        except Exception as exc:  # offline, unknown id, unknown split or subset, bad files
+            hint = "" if Path(name).is_dir() else ("; a hub dataset id that could not be reached or read: "
+                                                  "offline, point at a local copy instead (`path:` to its "
+                                                  "files or to a `datasets` save_to_disk directory)")
+            first = next(iter(str(exc).splitlines()), "")
+            raise DataError([Problem(name, None, "hub", f"cannot load ({type(exc).__name__}: {first}){hint}")]) from None
     return enumerate(ds, start=1)
 
 

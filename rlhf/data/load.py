@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from rlhf.data.config import DataConfig, SourceConfig
-from rlhf.data.formats import UNITS, Row, detect_format, read_rows
+from rlhf.data.formats import UNITS, Row, detect_format, hub_rows, read_rows
 from rlhf.data.mixing import mix
 from rlhf.data.records import RECORD_TYPES, DataError, Problem, Record, to_dict
 from rlhf.data.parse import parse_row
@@ -47,7 +47,9 @@ def load_source(src: SourceConfig, kind: str) -> Loaded:
     read at all (missing file, unknown format, failing hook); row problems are returned."""
     if kind not in RECORD_TYPES:
         raise ValueError(f"kind: expected one of {', '.join(RECORD_TYPES)}, got {kind!r}")
-    if src.hook is not None:
+    if src.hub is not None:
+        file, fmt, rows = src.hub, "hub", hub_rows(src.hub, src.subset, src.split, src.revision)
+    elif src.hook is not None:
         file, fmt, rows = src.hook, "hook", _hook_rows(src, kind)
     else:
         fmt = detect_format(src.path) if src.format == "auto" else src.format
@@ -73,7 +75,9 @@ def load_data(cfg: DataConfig, kind: str, seed: int) -> LoadedData:
     loaded = {src.name: load_source(src, kind) for src in cfg.sources}
     problems = [p for one in loaded.values() for p in one.problems]
     if problems and cfg.on_error == "fail":
-        raise DataError(problems)
+        bad = sum(one.bad_rows for one in loaded.values())
+        raise DataError(problems, f"set data.on_error=skip to drop these {bad} rows; they are "
+                        "counted in the manifest")
     records, parts, used = mix({name: one.records for name, one in loaded.items()}, cfg.mixture, seed)
     sources = {name: {"rows": one.rows, "skipped": one.bad_rows, "used": used[name]}
                for name, one in loaded.items()}

@@ -31,7 +31,7 @@ class _Row:
         return self.src.columns.get(field, field)
 
     def get(self, field: str) -> Any:
-        return self.row.get(self.column(field))  # an empty cell is None (Arrow nulls, CSV "")
+        return lookup(self.row, self.column(field))  # an empty cell is None (Arrow nulls, CSV "")
 
     def problem(self, field: str, message: str) -> None:
         self.problems.append(Problem(self.file, self.number, field, message, self.unit))
@@ -138,6 +138,22 @@ class _Row:
         return True
 
 
+def lookup(row: dict[str, Any], column: str) -> Any:
+    """``row[column]``; for a column the row lacks, ``a.b`` reads key b of object a and ``a.0``
+    item 0 of list a (``metadata.score_chosen``, ``response.1``). None when absent."""
+    if column in row:
+        return row[column]
+    value: Any = row
+    for key in column.split("."):
+        if isinstance(value, dict):
+            value = value.get(key)
+        elif isinstance(value, list) and key.isdigit() and int(key) < len(value):
+            value = value[int(key)]
+        else:
+            return None
+    return value
+
+
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
@@ -159,10 +175,38 @@ def parse_row(kind: str, row: dict[str, Any], src: SourceConfig, file: str, numb
     return (None if r.problems else record), r.problems
 
 
+def _hh(r: _Row) -> bool:
+    """An HH-RLHF row: the source says so, or it has no prompt/messages and ``chosen`` holds
+    ``\n\nAssistant:`` turns."""
+    return r.src.format == "hh-rlhf" or (r.get("prompt") is None and r.get("messages") is None
+                                         and is_transcript(r.get("chosen")))
+
+
+def _dialogue(r: _Row, field: str) -> list[Message] | None:
+    """The whole HH-RLHF transcript in ``field`` as a conversation ending with an assistant turn."""
+    text = r.text(field)
+    if text is None:
+        return None
+    try:
+        messages = parse_transcript(text)
+    except ValueError as exc:
+        r.problem(r.column(field), str(exc))
+        return None
+    empty = [i for i, m in enumerate(messages) if not m.content.strip()]
+    if empty:
+        r.problem(r.column(field), f"turn {empty[0] + 1} ({messages[empty[0]].role}) is empty")
+        return None
+    return messages if r.turn_order(r.column(field), messages, "assistant") else None
+
+
 def _sft(r: _Row) -> SFTExample | None:
-    if r.get("messages") is None and r.get("prompt") is not None:
+    if _hh(r):
+        messages = _dialogue(r, "chosen")  # the preferred dialogue is the one to imitate
+    elif r.get("messages") is None and r.get("prompt") is not None:
         prompt = r.conversation("prompt", "user")
-        response = r.text("response")
+        # TRL's prompt/completion format names the response `completion`
+        response = _answer(r, "completion" if r.get("response") is None and r.get("completion") is not None
+                           else "response")
         messages = prompt + [Message("assistant", response)] if prompt and response else None
     else:
         messages = r.conversation("messages", "assistant")
@@ -170,22 +214,53 @@ def _sft(r: _Row) -> SFTExample | None:
 
 
 def _preference(r: _Row) -> PreferencePair | None:
-    if r.src.format == "hh-rlhf" or (r.get("prompt") is None and is_transcript(r.get("chosen"))):
+    if _hh(r):
         prompt, chosen, rejected = _split_transcripts(r)
+    elif r.get("prompt") is None and isinstance(r.get("chosen"), list):
+        prompt, chosen, rejected = _split_conversations(r)
     else:
         prompt = r.conversation("prompt", "user")
-        chosen, rejected = r.text("chosen"), r.text("rejected")
+        chosen, rejected = _answer(r, "chosen"), _answer(r, "rejected")
     if chosen and rejected and chosen.strip() == rejected.strip():
         r.problem(r.column("rejected"), "identical to chosen")
     pair = PreferencePair(
-        prompt, chosen, rejected, _rating(r), _margin(r), r.flag("chosen_safe"),
-        r.flag("rejected_safe"), r.label("source") or r.src.name,
+        prompt, chosen, rejected, _rating(r), _margin(r), r.flag("chosen_safe", r.src.chosen_safe),
+        r.flag("rejected_safe", r.src.rejected_safe), r.label("source") or r.src.name,
         r.label("batch") or r.src.batch, r.label("id"),
     )
     if safety_category(pair) == "unsafe_vs_safe":
         r.problem(r.column("chosen_safe"), "chosen response is unsafe while the rejected one is "
                   "safe (the method excludes such pairs)")
     return pair
+
+
+def _answer(r: _Row, field: str) -> str | None:
+    """A response: a string, or (TRL's conversational format) a list of one assistant message."""
+    value, name = r.get(field), r.column(field)
+    if not isinstance(value, list):
+        return r.text(field)
+    if len(value) != 1:
+        r.problem(name, f"expected a string or one assistant message, got {len(value)} messages")
+        return None
+    message = r.message(f"{name}[0]", value[0])
+    if message is not None and message.role != "assistant":
+        r.problem(f"{name}[0].role", f"expected assistant, got {message.role!r}")
+        return None
+    return message.content if message else None
+
+
+def _split_conversations(r: _Row) -> tuple[list[Message] | None, str | None, str | None]:
+    """TRL's implicit-prompt conversational pairs: ``chosen`` and ``rejected`` each hold the whole
+    conversation; the prompt is what comes before their final assistant turns, which both sides
+    must share."""
+    chosen, rejected = r.conversation("chosen", "assistant"), r.conversation("rejected", "assistant")
+    if chosen is None or rejected is None:
+        return None, None, None
+    if chosen[:-1] != rejected[:-1]:
+        r.problem("prompt", "chosen and rejected conversations differ before their final assistant "
+                  "turn; the prompt must be shared")
+        return None, chosen[-1].content, rejected[-1].content
+    return chosen[:-1], chosen[-1].content, rejected[-1].content
 
 
 def _split_transcripts(r: _Row) -> tuple[list[Message] | None, str | None, str | None]:
@@ -220,7 +295,30 @@ def _split_transcripts(r: _Row) -> tuple[list[Message] | None, str | None, str |
     return (prompt if r.turn_order("prompt", prompt, "user") else None), chosen, rejected
 
 
+def _score(r: _Row, column: str) -> float | None:
+    """The number in ``column`` (``a.b`` as in ``lookup``), or None and a problem."""
+    value = lookup(r.row, column)
+    if value is None:
+        r.problem(column, "missing")
+        return None
+    return _number(r, column, value)
+
+
+def _rating_from_scores(r: _Row) -> str | None:
+    rule = r.src.rating_from_scores
+    chosen, rejected = _score(r, rule.chosen), _score(r, rule.rejected)
+    if chosen is None or rejected is None:
+        return None
+    rating = rule.rating(chosen - rejected)
+    if rating is None:
+        r.problem("rating", f"score gap {chosen - rejected:g} ({rule.chosen} {chosen:g} - {rule.rejected} "
+                  f"{rejected:g}) is below every gap of rating_from_scores: no preference")
+    return rating
+
+
 def _rating(r: _Row) -> str | None:
+    if r.src.rating_from_scores is not None:
+        return _rating_from_scores(r)
     value = r.get("rating")
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -237,21 +335,28 @@ def _rating(r: _Row) -> str | None:
 
 def _margin(r: _Row) -> float | None:
     value = r.get("margin")
-    if value is None:
-        return None
+    return None if value is None else _number(r, r.column("margin"), value)
+
+
+def _number(r: _Row, column: str, value: Any) -> float | None:
+    """``value`` as a finite float (a CSV cell's text too), or None and a problem."""
     if isinstance(value, str):  # a CSV cell
         try:
             value = float(value)
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        r.wrong_type(r.column("margin"), "a finite number", value)
+        r.wrong_type(column, "a finite number", value)
         return None
     return float(value)
 
 
 def _prompt(r: _Row) -> Prompt | None:
-    messages = r.conversation("prompt", "user")
+    if _hh(r):  # the dialogue before the chosen side's final answer
+        dialogue = _dialogue(r, "chosen")
+        messages = dialogue[:-1] if dialogue else None
+    else:
+        messages = r.conversation("prompt", "user")
     is_safety = r.flag("is_safety", r.src.is_safety)
     if is_safety is None and r.get("is_safety") is None:
         r.problem(r.column("is_safety"), "missing (or set is_safety in the source config)")

@@ -133,11 +133,12 @@ class Problem:
 
 
 class DataError(Exception):
-    """Bad data; ``str()`` is one ``FILE:LINE: field: message`` line per problem."""
+    """Bad data; ``str()`` is one ``FILE:LINE: field: message`` line per problem, then the
+    ``hint`` (the way out) when there is one."""
 
-    def __init__(self, problems: list[Problem]):
-        self.problems = list(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+    def __init__(self, problems: list[Problem], hint: str | None = None):
+        self.problems, self.hint = list(problems), hint
+        super().__init__("\n".join([*(str(p) for p in self.problems), *([hint] if hint else [])]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from collections import Counter
 from rlhf.config import RecipeError
 from rlhf.config import validate as validate_model
 from rlhf.data.config import SourceConfig
+from rlhf.data.formats import is_hub_id
 from rlhf.data.load import load_source
 from rlhf.data.records import DataError, PreferencePair, Record, safety_category, user_turns
 
@@ -38,8 +39,8 @@ def run_validate(path: str, kind: str, format: str = "auto",
     """``rlhf data validate``: print the counts and return 0, or print every problem
     (``FILE:LINE: field: message``) and return 1 (2 for bad options). ``columns``, ``ratings`` and ``is_safety``
     mean what they mean in a source config (``SourceConfig``)."""
-    options = {"path": path, "format": format, "columns": columns or {}, "ratings": ratings,
-               "is_safety": is_safety}
+    where = {"hub": path} if is_hub_id(path) else {"path": path, "format": format}
+    options = {**where, "columns": columns or {}, "ratings": ratings, "is_safety": is_safety}
     try:
         src = validate_model(SourceConfig, options, "rlhf data validate")
     except RecipeError as exc:

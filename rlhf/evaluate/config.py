@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from rlhf.config import POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, SamplingConfig, StageConfig
+from rlhf.config import POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, JudgeConfig, SamplingConfig, StageConfig
 from rlhf.data.config import PromptDataConfig
 
 
@@ -38,6 +38,7 @@ class EvaluateConfig(StageConfig):
         "baseline_from": POLICY_KINDS,
         "helpfulness_rm_from": REWARD_MODEL_KINDS,
         "safety_rm_from": REWARD_MODEL_KINDS,
+        "judge.reward_model_from": REWARD_MODEL_KINDS,
     }
 
     stage: Literal["evaluate"] = "evaluate"
@@ -60,3 +61,10 @@ class EvaluateConfig(StageConfig):
                               "the gold judge (`gold_sampled`: expected scores under sampling, less noisy than "
                               "the greedy answers'; 0: greedy only)")
     gold_temperature: float = Field(0.7, gt=0, description="Sampling temperature of `gold_samples`")
+    judge: JudgeConfig = Field(JudgeConfig(), description="An independent judge (not the reward models of the win rates) "
+                               "(gold, reward_model_from or hook): its scores are reported beside the proxy rewards.")
+
+    @model_validator(mode="after")
+    def _judge_is_independent(self) -> "EvaluateConfig":
+        self.judge.check_independent(self.helpfulness_rm_from, self.safety_rm_from)
+        return self

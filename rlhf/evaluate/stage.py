@@ -5,7 +5,9 @@ gate; win rates against the baseline and against the policy before it under thes
 reward models, overall (R_c), on helpfulness prompts (R_h) and on safety prompts (R_s), the
 Fig. 11 axes; the KL from the baseline, estimated on sampled responses; and, when the prompts
 carry a gold judge's task info (the quickstart world), gold helpfulness, safety and false
-refusals of the greedy answers and of ``gold_samples`` sampled answers per prompt. Writes
+refusals of the greedy answers and of ``gold_samples`` sampled answers per prompt; with a
+``judge`` (not the reward models above), its mean score of the answers and its win rate against
+the baseline. Writes
 ``eval/summary.json`` (read by the report) and ``eval/responses.jsonl``.
 """
 
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from reward_model.model import load_reward_model
+from reward_model.model import load_judge, load_reward_model
 from rlhf.artifacts import StageRun
 from rlhf.data import Prompt, render_prompt, write_jsonl_rows
 from rlhf.data.load import load_data
@@ -69,15 +71,16 @@ def _gold(model, tokenizer, prompts: list[Prompt], prompt_ids, texts: list[str],
     return summarize(prompts, texts), sampled
 
 
-def _scores(prompts: list[Prompt], answers: dict, rms: dict, threshold: float) -> dict[str, torch.Tensor]:
+def _scores(prompts: list[Prompt], answers: dict, rms: dict, threshold: float, judge=None) -> dict[str, torch.Tensor]:
     """Both rewards and R_c of ``answers`` (``_responses``): a truncated answer is read without
-    the EOS it never generated."""
+    the EOS it never generated; and the ``judge``'s scores when there is one."""
     messages, texts, finished = [p.messages for p in prompts], answers["texts"], answers["finished"]
     help_ = rms["helpfulness"].probabilities(messages, texts, finished=finished)
     safe = rms["safety"].probabilities(messages, texts, finished=finished)
     is_safety = torch.tensor([p.is_safety for p in prompts])
     gated = safety_gate(help_, safe, is_safety, threshold)
-    return {"helpfulness": help_, "safety": safe, "combined": gated.reward, "is_safety": is_safety}
+    judged = {"judge": torch.tensor(judge(prompts, texts), dtype=torch.float)} if judge else {}
+    return {"helpfulness": help_, "safety": safe, "combined": gated.reward, "is_safety": is_safety, **judged}
 
 
 def _compare(mine: dict, other: dict) -> dict[str, float | None]:
@@ -86,6 +89,7 @@ def _compare(mine: dict, other: dict) -> dict[str, float | None]:
         "overall": win_rate(mine["combined"], other["combined"]),
         "helpfulness": win_rate(mine["helpfulness"][~safety], other["helpfulness"][~safety]),
         "safety": win_rate(mine["safety"][safety], other["safety"][safety]),
+        **({"judge": win_rate(mine["judge"], other["judge"])} if "judge" in mine else {}),
     }
 
 
@@ -95,20 +99,21 @@ def run(cfg: EvaluateConfig) -> Path:
     prompts = load_data(cfg.prompts, "prompts", cfg.seed).records[: cfg.max_prompts]
     rms = {"helpfulness": load_reward_model(cfg.helpfulness_rm_from, device),
            "safety": load_reward_model(cfg.safety_rm_from, device)}
+    judge = load_judge(cfg.judge, device)
     baseline_path = cfg.baseline_from or next(iter(cfg.policies.values()))
     baseline, _ = load_policy(baseline_path, device)
     progress = Progress(len(cfg.policies), "evaluate policies")
     results: dict[str, dict] = {}
     for name, path in cfg.policies.items():
         out = _responses(path, prompts, cfg, baseline, device)
-        results[name] = {**out, "scores": _scores(prompts, out, rms, cfg.gate_threshold)}
+        results[name] = {**out, "scores": _scores(prompts, out, rms, cfg.gate_threshold, judge)}
         progress.update(1, policy=name)
     same = [name for name, path in cfg.policies.items() if Path(path) == Path(baseline_path)]
     if same:
         baseline_scores = results[same[0]]["scores"]
     else:
         answers = _responses(baseline_path, prompts, cfg, baseline, device)
-        baseline_scores = _scores(prompts, answers, rms, cfg.gate_threshold)
+        baseline_scores = _scores(prompts, answers, rms, cfg.gate_threshold, judge)
     summary = {"baseline": str(baseline_path), "prompts": len(prompts), "policies": {}}
     previous = None
     for name, res in results.items():
@@ -123,6 +128,8 @@ def run(cfg: EvaluateConfig) -> Path:
             "helpfulness_win_rate_vs_baseline": vs_base["helpfulness"],
             "safety_win_rate_vs_baseline": vs_base["safety"],
             "win_rate_vs_previous": vs_prev.get("overall"),
+            "judge_score": float(scores["judge"].mean()) if "judge" in scores else None,
+            "judge_win_rate_vs_baseline": vs_base.get("judge"),
             "kl_from_baseline": res["kl"],
             "response_length": sum(res["lengths"]) / max(1, len(res["lengths"])),
             "truncation_rate": 1 - sum(res["finished"]) / max(1, len(res["finished"])),

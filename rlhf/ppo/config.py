@@ -36,8 +36,8 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from rlhf.config import (
-    POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, MissingEosPenalty, ModelConfig, PromptSamplingConfig,
-    StageConfig, Strict, TrainConfig,
+    POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, JudgeConfig, MissingEosPenalty, ModelConfig,
+    PromptSamplingConfig, StageConfig, Strict, TrainConfig,
 )
 from rlhf.data.config import DataConfig, PromptDataConfig
 
@@ -119,6 +119,13 @@ class EarlyStopConfig(Strict):
     every: int = Field(10, gt=0)
     patience: int | None = Field(None, gt=0)
     max_prompts: int = Field(256, gt=0)
+    metric: Literal["reward", "judge"] = Field(
+        "reward", description="What early stopping (and the policy kept) goes by on the held-out prompts: the "
+        "proxy reward R_c, or the independent judge's mean score (needs `judge`).")
+    warn_diverging: int = Field(
+        3, gt=0, description="Warn (terminal, metrics `judge_diverging`, report) when the proxy reward rose "
+        "while the judge's score fell at each of this many evaluations in a row: the held-out evaluations "
+        "when `data` is set, else every iteration's rollouts.")
 
 
 class PPOConfig(StageConfig):
@@ -129,6 +136,7 @@ class PPOConfig(StageConfig):
         "helpfulness_rm_from": REWARD_MODEL_KINDS,
         "safety_rm_from": REWARD_MODEL_KINDS,
         "critic_from": (*REWARD_MODEL_KINDS, "ppo"),
+        "judge.reward_model_from": REWARD_MODEL_KINDS,
     }
 
     stage: Literal["ppo"] = "ppo"
@@ -146,6 +154,8 @@ class PPOConfig(StageConfig):
     ppo: PPOSettings = PPOSettings()
     train: PPOTrainConfig = PPOTrainConfig()
     early_stop: EarlyStopConfig = EarlyStopConfig()
+    judge: JudgeConfig = Field(JudgeConfig(), description="An independent judge, never optimised against "
+                               "(gold, reward_model_from or hook): its scores are reported beside the proxy rewards.")
 
     @model_validator(mode="after")
     def _batches_fit(self) -> "PPOConfig":
@@ -154,4 +164,8 @@ class PPOConfig(StageConfig):
                 f"train.batch_size ({self.train.batch_size}) must divide ppo.prompts_per_iteration "
                 f"({self.ppo.prompts_per_iteration})"
             )
+        self.judge.check_independent(self.helpfulness_rm_from, self.safety_rm_from)
+        if self.early_stop.metric == "judge" and not self.judge.enabled:
+            raise ValueError("early_stop.metric: judge needs a judge (set judge.gold, judge.reward_model_from "
+                             "or judge.hook)")
         return self

@@ -7,7 +7,9 @@ ids, another the decoded text re-rendered: the manifest's ``reward_scoring``; a 
 subtract the KL penalty per token, estimate advantages with GAE, then run ``train.epochs`` PPO
 epochs over mini-batches of ``train.batch_size`` rollouts (one optimizer step per mini-batch, for
 the policy and the critic each). The math lives in
-``rlhf.rewards`` and ``rlhf.ppo.losses``; this module wires it.
+``rlhf.rewards`` and ``rlhf.ppo.losses``; this module wires it. An independent ``judge``, never
+optimised, scores the rollouts and the held-out answers beside the proxy reward (``judge``,
+``eval_judge``); early stopping may go by it, and a proxy rising while the judge falls warns.
 
 Several processes: each samples, scores and runs the frozen forwards for its share of the
 prompts, then every process gathers the whole iteration's rollouts, so the reward, whitening and
@@ -32,14 +34,15 @@ from typing import Any
 
 import torch
 
-from reward_model.model import RewardModel, load_reward_model, sample_probabilities, scoring
-from rlhf.artifacts import InputError, StageRun, model_dir, read_manifest
+from reward_model.model import RewardModel, load_judge, load_reward_model, sample_probabilities, scoring
+from rlhf.artifacts import Diverged, InputError, StageRun, model_dir, read_manifest
 from rlhf.chat_template import warn_chat_format
 from rlhf.tracking import start_trackers
 from rlhf.config import RecipeError
 from rlhf.data import Prompt, render_prompt
 from rlhf.data.load import load_data
 from rlhf.generation import Samples, row_seed, sample
+from rlhf.judge import Judge, diverging
 from rlhf.logprobs import PackedPolicy, pack_responses, per_token, policy_logits, policy_logprobs, token_logprobs
 from rlhf.models import inference_dtype, load_policy
 from rlhf.ppo.config import PPOConfig
@@ -53,8 +56,9 @@ from rlhf.training import (
 )
 
 
-class TrainingStopped(Exception):
-    """PPO stopped on a divergence; the message says why and names the last good checkpoint."""
+class TrainingStopped(Diverged):
+    """PPO stopped on a divergence; the message says why and names the last good checkpoint (a
+    user-facing error: the CLI prints it and exits 2)."""
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Models:
     helpfulness: RewardModel
     safety: RewardModel
     scoring: dict[str, str]  # how each reward model reads the samples (``reward_model.model.scoring``)
+    judge: Judge | None = None  # the independent judge (``cfg.judge``), never optimised
 
 
 @dataclass
@@ -84,6 +89,7 @@ class Rollouts:
     used_safety: torch.Tensor  # (B,) 1 where R_c = R_s
     is_safety: torch.Tensor  # (B,) 1 on safety prompts
     finished: torch.Tensor  # (B,) 1 where the response ended with EOS, 0 where cut at max_new_tokens
+    judge: torch.Tensor  # (B,) the independent judge's score; NaN without a judge
 
     @property
     def mask(self) -> torch.Tensor:  # (B, T) 1 on generated tokens
@@ -98,6 +104,8 @@ class EarlyStop:
     best: float = -math.inf
     best_iteration: int = -1
     bad_evals: int = 0
+    proxy: list = field(default_factory=list)  # the proxy reward of each evaluation (for ``diverging``)
+    judged: list = field(default_factory=list)  # the judge's mean score of each evaluation
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -134,6 +142,7 @@ def collect_rollouts(accelerator, models, batch: list, seeds: list[int], cfg: PP
             finished = torch.tensor(samples.finished, dtype=torch.float, device=accelerator.device)
             gated = safety_gate(r_h, r_s, is_safety, cfg.gate_threshold)
             r_c = penalize_truncated(gated.reward, finished, cfg.missing_eos_penalty)
+            judged = judge_scores(models.judge, [p for p, _ in batch], samples.texts, accelerator.device)
         # 3. log pi_old, log pi_0 and V_old per generated token
         with timer("forward"):
             forward = dict(prompt_ids=prompt_ids, response_ids=samples.response_ids,
@@ -143,7 +152,7 @@ def collect_rollouts(accelerator, models, batch: list, seeds: list[int], cfg: PP
                 ref_logprobs = per_token(lambda b: policy_logprobs(ref, b, cfg.sampling.temperature), **forward)
             values = per_token(lambda b: critic_values(critic, b), **forward)
     return Rollouts(prompt_ids, samples.response_ids, logprobs, ref_logprobs, values,
-                    r_h, r_s, r_c, gated.used_safety.float(), is_safety, finished)
+                    r_h, r_s, r_c, gated.used_safety.float(), is_safety, finished, judged)
 
 
 def run(cfg: PPOConfig) -> Path:
@@ -175,28 +184,28 @@ def run(cfg: PPOConfig) -> Path:
         if iteration % cfg.train.save_every == 0 and iteration != start:
             save_checkpoint(accelerator, run.checkpoints, iteration, cfg.train.keep_checkpoints)
         # 5. GAE; advantages whitened over the iteration's rollouts
-        advantages, returns = gae(rewards, ro.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-        if cfg.ppo.whiten_advantages:
-            advantages = whiten(advantages, mask) * mask
+        raw_advantages, returns = gae(rewards, ro.values, mask, cfg.ppo.gamma, cfg.ppo.lam)
+        advantages = whiten(raw_advantages, mask) * mask if cfg.ppo.whiten_advantages else raw_advantages
         # 6. PPO epochs over mini-batches: one optimizer step per mini-batch for each model
         with timer("training"):
             stats = ppo_epochs(accelerator, models, optimizers, schedulers, ro, advantages, returns, cfg, iteration, run)
         # 7. metrics; held-out reward and early stop
         done = iteration + 1
-        metrics = {**rollout_metrics(ro, kl, returns), **stats,
+        metrics = {**rollout_metrics(ro, kl, returns, raw_advantages), **stats,
                    **{f"time_{k}": round(v, 3) for k, v in timer.seconds.items()}}
         stop = False
         if held_out and (done % cfg.early_stop.every == 0 or done == cfg.ppo.iterations):
-            metrics["eval_reward"] = evaluate(accelerator, models, held_out, cfg)
-            stop = update_early_stop(early, metrics["eval_reward"], done, accelerator, run, cfg)
+            stop = record_evaluation(accelerator, models, held_out, early, metrics, done, run, cfg)
+        elif not held_out and "judge" in metrics:  # no held-out prompts: the rollouts are the evaluations
+            note_trend(accelerator, early, metrics, metrics["reward_c"], metrics["judge"], done, cfg)
         metrics["time_iteration"] = round(time.perf_counter() - began, 3)
         if done % cfg.train.log_every == 0 or done == cfg.ppo.iterations or stop:
             run.log(done, **metrics)
             accelerator.log(metrics, step=done)
         progress.update(1, reward=metrics["reward_c"], kl=metrics["kl"])
         if stop:
-            accelerator.print(f"[rlhf] ppo: held-out reward has not improved for {cfg.early_stop.patience} "
-                              f"evaluations; stopped after iteration {done}")
+            accelerator.print(f"[rlhf] ppo: held-out {cfg.early_stop.metric} has not improved for "
+                              f"{cfg.early_stop.patience} evaluations; stopped after iteration {done}")
             break
     progress.close()
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
@@ -241,7 +250,7 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
     helpfulness = freeze(load_reward_model(cfg.helpfulness_rm_from, **frozen), rm_device)
     safety = freeze(load_reward_model(cfg.safety_rm_from, **frozen), rm_device)
     ways = scoring({"helpfulness": helpfulness, "safety": safety}, tokenizer, cfg.data.template)
-    return Models(tokenizer, policy, ref, critic.train(), helpfulness, safety, ways)
+    return Models(tokenizer, policy, ref, critic.train(), helpfulness, safety, ways, load_judge(cfg.judge, device))
 
 
 def start_training(accelerator, run: StageRun, models: Models, held_out, cfg: PPOConfig) -> tuple[list, list, EarlyStop, int]:
@@ -256,9 +265,9 @@ def start_training(accelerator, run: StageRun, models: Models, held_out, cfg: PP
     run.truncate_metrics(start if start else -1)  # a fresh start logs its step-0 evaluation again
     start_trackers(accelerator, run)
     if held_out and start == 0:
-        reward = evaluate(accelerator, models, held_out, cfg)
-        update_early_stop(early, reward, 0, accelerator, run, cfg)
-        run.log(0, eval_reward=reward)
+        metrics: dict[str, Any] = {}
+        record_evaluation(accelerator, models, held_out, early, metrics, 0, run, cfg)
+        run.log(0, **metrics)
     return optimizers, schedulers, early, start
 
 
@@ -332,6 +341,13 @@ def score_both(models: Models, batch: list[tuple[Prompt, list[int]]], samples: S
                                           prompt_ids, samples.response_ids, cfg.ppo.forward_tokens)
             out.append(scores.float().to(device))
     return out
+
+
+def judge_scores(judge: Judge | None, prompts: list[Prompt], texts: list[str], device) -> torch.Tensor:
+    """(B,) the independent judge's scores of the responses; NaN without a judge."""
+    if judge is None:
+        return torch.full((len(texts),), math.nan, device=device)
+    return torch.tensor(judge(prompts, texts), dtype=torch.float, device=device)
 
 
 def gather(accelerator, mine: Rollouts) -> Rollouts:
@@ -441,14 +457,18 @@ def optimizer_step(accelerator, models: Models, optimizers, schedulers, cfg: PPO
 # Metrics, evaluation, output
 
 
-def rollout_metrics(ro: Rollouts, kl: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+def rollout_metrics(ro: Rollouts, kl: torch.Tensor, returns: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
     """Means over the iteration's rollouts. ``safety_scored``: share of rollouts scored by R_s;
     ``gate_share``: share of those sent there by the gate (R_s < threshold on a helpfulness
     prompt); ``kl``: KL(pi || pi_0) per response, summed over its tokens; ``truncation_rate``:
-    share of responses cut at ``sampling.max_new_tokens`` (no EOS)."""
+    share of responses cut at ``sampling.max_new_tokens`` (no EOS); ``advantage_mean`` /
+    ``advantage_std``: GAE advantages over the generated tokens, before whitening; ``judge``: the
+    independent judge's mean score of the responses (with a judge)."""
     mask, used = ro.mask, ro.used_safety
     gated = (used * (1 - ro.is_safety)).sum()
-    return {
+    tokens = advantages[mask.bool()]  # (N,) one per generated token
+    judged = {"judge": float(ro.judge.mean())} if not bool(torch.isnan(ro.judge).any()) else {}
+    return {**judged, "advantage_mean": float(tokens.mean()), "advantage_std": float(tokens.std(correction=0)),
         "reward_h": float(ro.r_h.mean()), "reward_s": float(ro.r_s.mean()), "reward_c": float(ro.r_c.mean()),
         "safety_scored": float(used.mean()), "gate_share": float(gated / used.sum()) if used.sum() else 0.0,
         "kl": float(kl.sum(1).mean()), "kl_per_token": float(kl.sum() / mask.sum()),
@@ -457,12 +477,13 @@ def rollout_metrics(ro: Rollouts, kl: torch.Tensor, returns: torch.Tensor) -> di
     }
 
 
-def evaluate(accelerator, models: Models, held_out: list[tuple[Prompt, list[int]]], cfg: PPOConfig) -> float:
+def evaluate(accelerator, models: Models, held_out: list[tuple[Prompt, list[int]]], cfg: PPOConfig) -> tuple[float, float | None]:
     """Mean gated reward R_c (truncated responses penalised, as in the rollouts) of greedy
-    responses to the held-out prompts (all processes)."""
+    responses to the held-out prompts (all processes), and the judge's mean score of them (None
+    without a judge)."""
     mine = held_out[: cfg.early_stop.max_prompts][accelerator.process_index :: accelerator.num_processes]
     policy = accelerator.unwrap_model(models.policy).eval()
-    total = torch.zeros(2, device=accelerator.device)
+    total = torch.zeros(3, device=accelerator.device)
     if mine:
         with torch.no_grad(), accelerator.autocast():
             samples = generate(policy, [ids for _, ids in mine], [0] * len(mine), models.tokenizer, cfg, greedy=True)
@@ -471,9 +492,36 @@ def evaluate(accelerator, models: Models, held_out: list[tuple[Prompt, list[int]
         gated = safety_gate(r_h, r_s, is_safety, cfg.gate_threshold)
         finished = torch.tensor(samples.finished, device=accelerator.device)
         reward = penalize_truncated(gated.reward, finished, cfg.missing_eos_penalty)
-        total += torch.stack([reward.sum(), torch.tensor(float(len(mine)), device=accelerator.device)])
+        judged = judge_scores(models.judge, [p for p, _ in mine], samples.texts, accelerator.device)
+        total += torch.stack([reward.sum(), torch.tensor(float(len(mine)), device=accelerator.device), judged.sum()])
     total = accelerator.reduce(total, "sum")
-    return float(total[0] / total[1])
+    return float(total[0] / total[1]), (float(total[2] / total[1]) if models.judge else None)
+
+
+def record_evaluation(accelerator, models: Models, held_out, early: EarlyStop, metrics: dict, done: int,
+                      run: StageRun, cfg: PPOConfig) -> bool:
+    """Evaluate on the held-out prompts into ``metrics`` (``eval_reward``, ``eval_judge``),
+    update early stopping on ``early_stop.metric`` and the over-optimisation trend; True to stop."""
+    metrics["eval_reward"], judge = evaluate(accelerator, models, held_out, cfg)
+    if judge is not None:
+        metrics["eval_judge"] = judge
+        note_trend(accelerator, early, metrics, metrics["eval_reward"], judge, done, cfg)
+    value = judge if cfg.early_stop.metric == "judge" else metrics["eval_reward"]
+    return update_early_stop(early, value, done, accelerator, run, cfg)
+
+
+def note_trend(accelerator, early: EarlyStop, metrics: dict, proxy: float, judge: float, done: int, cfg: PPOConfig) -> None:
+    """Record an evaluation's proxy reward and judge score; warn (terminal, ``judge_diverging``
+    in ``metrics``) when the proxy rose while the judge fell at each of the last
+    ``early_stop.warn_diverging`` evaluations."""
+    early.proxy.append(proxy)
+    early.judged.append(judge)
+    n = cfg.early_stop.warn_diverging
+    if diverging(early.proxy, early.judged, n):
+        metrics["judge_diverging"] = True
+        accelerator.print(f"[rlhf] ppo: warning: at iteration {done} the proxy reward has risen while the judge's "
+                          f"score fell for {n} evaluations in a row: the policy is over-optimising its reward "
+                          "models (keep an earlier checkpoint, raise ppo.beta, or set early_stop.metric: judge)")
 
 
 def update_early_stop(early: EarlyStop, reward: float, done: int, accelerator, run: StageRun, cfg: PPOConfig) -> bool:
@@ -492,5 +540,6 @@ def finish(accelerator, run: StageRun, models: Models, early: EarlyStop, metrics
         accelerator.load_state(str(latest_checkpoint(run.checkpoints / "best")))
     save_model(accelerator, models.policy, models.tokenizer, run.dir / "model", cfg.policy.lora, cfg.data.template)
     save_model(accelerator, models.critic, models.tokenizer, run.dir / "critic", cfg.critic.lora, cfg.data.template)
-    extra = {"best_iteration": early.best_iteration, "best_eval_reward": early.best} if early.best_iteration >= 0 else {}
+    extra = ({"best_iteration": early.best_iteration, "best_eval_reward": early.best,
+              "early_stop_metric": cfg.early_stop.metric} if early.best_iteration >= 0 else {})
     return run.finish(metrics, data=counts, reward_scoring=models.scoring, **extra)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rlhf.config import (
-    POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, MissingEosPenalty, ModelConfig, PromptSamplingConfig,
-    StageConfig, Strict,
+    POLICY_KINDS, REWARD_MODEL_KINDS, GateThreshold, JudgeConfig, MissingEosPenalty, ModelConfig,
+    PromptSamplingConfig, StageConfig, Strict,
 )
 from sft.config import GenerationDataConfig, ReplayConfig, SFTTrainConfig
 
@@ -63,6 +63,7 @@ class RejectionSamplingConfig(StageConfig):
         "safety_rm_from": REWARD_MODEL_KINDS,
         "pool_from": ("rejection_sampling",),
         "student_from": POLICY_KINDS,
+        "judge.reward_model_from": REWARD_MODEL_KINDS,
     }
 
     stage: Literal["rejection_sampling"] = "rejection_sampling"
@@ -86,5 +87,12 @@ class RejectionSamplingConfig(StageConfig):
         "only finished samples enter it; a prompt whose K samples were all cut keeps its old entry "
         "(counted as pool_only_truncated).")
     report: RejectionSamplingReport = RejectionSamplingReport()
+    judge: JudgeConfig = Field(JudgeConfig(), description="An independent judge, never optimised against "
+                               "(gold, reward_model_from or hook): its scores are reported beside the proxy rewards.")
     model: ModelConfig = ModelConfig()
     train: SFTTrainConfig = SFTTrainConfig()
+
+    @model_validator(mode="after")
+    def _judge_is_independent(self) -> "RejectionSamplingConfig":
+        self.judge.check_independent(self.helpfulness_rm_from, self.safety_rm_from)
+        return self

@@ -1,5 +1,6 @@
 """The rejection sampling report: reward of the best of k samples, max and median, k = 1..K
-(the paper's Fig. 7), per prompt category, the temperature sweep (Fig. 8), and how many samples
+(the paper's Fig. 7), per prompt category, with an independent judge's score of the sample the
+reward models chose (over-optimisation: Gao et al. 2022), the temperature sweep (Fig. 8), and how many samples
 were cut at the token limit."""
 
 from __future__ import annotations
@@ -34,6 +35,18 @@ def best_of_k_curve(rewards: Sequence[float]) -> dict[str, list[float]]:
     return {"max": maxima, "median": medians}
 
 
+def chosen_judge_curve(rewards: Sequence[float], judges: Sequence[float]) -> list[float]:
+    """E[judge score of the highest-reward sample among k of the K], k = 1..K, exact over all
+    subsets (ties go to the first sample, as ``best_of``): with the samples in increasing order
+    of (reward, -index), sum_i judge_(i) C(i-1, k-1) / C(K, k).
+
+    rewards [1, 3, 2], judges [.1, .5, .9], k = 2: subsets {0,1} {0,2} {1,2} choose samples
+    1, 2, 1 -> (.5 + .9 + .5) / 3 = 19/30; k = 1: the mean .5; k = 3: sample 1, .5."""
+    n = len(rewards)
+    order = sorted(range(n), key=lambda j: (rewards[j], -j))
+    return [sum(judges[j] * comb(i, k - 1) for i, j in enumerate(order)) / comb(n, k) for k in range(1, n + 1)]
+
+
 def prompt_categories(items: Sequence[Item]) -> dict[str, list[str]]:
     """Category -> keys: all, helpfulness / safety prompts, and each source when there are several."""
     cats = {"all": [i.key for i in items], "helpfulness": [i.key for i in items if not i.prompt.is_safety],
@@ -44,10 +57,17 @@ def prompt_categories(items: Sequence[Item]) -> dict[str, list[str]]:
     return {name: keys for name, keys in cats.items() if keys}
 
 
-def average_curves(rewards: dict[str, list[float]], keys: Sequence[str]) -> dict[str, Any]:
+def average_curves(rewards: dict[str, list[float]], keys: Sequence[str],
+                   judges: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """Fig. 7's max and median curves averaged over the prompts of ``keys``; with ``judges``,
+    also ``judge_of_chosen`` (``chosen_judge_curve``) and ``judge_mean``, a random sample's."""
     curves = [best_of_k_curve(rewards[k]) for k in keys]
     mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]  # noqa: E731
-    return {"prompts": len(keys), "max": mean([c["max"] for c in curves]), "median": mean([c["median"] for c in curves])}
+    out = {"prompts": len(keys), "max": mean([c["max"] for c in curves]), "median": mean([c["median"] for c in curves])}
+    if judges:
+        out["judge_of_chosen"] = mean([chosen_judge_curve(rewards[k], judges[k]) for k in keys])
+        out["judge_mean"] = out["judge_of_chosen"][0]
+    return out
 
 
 def plot_curves(path: Path, curves: dict[str, dict], title: str, median: bool = True) -> None:
@@ -62,6 +82,8 @@ def plot_curves(path: Path, curves: dict[str, dict], title: str, median: bool = 
         ax.plot(ks, c["max"], "-o", ms=3, color=f"C{i}", label=f"{name} max")
         if median:
             ax.plot(ks, c["median"], "--", color=f"C{i}", label=f"{name} median")
+        if "judge_of_chosen" in c:
+            ax.plot(ks, c["judge_of_chosen"], ":", marker="x", ms=3, color=f"C{i}", label=f"{name} judge of chosen")
     ax.set_xlabel("samples per prompt (k)"), ax.set_ylabel("reward R_c"), ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -74,13 +96,15 @@ def sample_truncation(samples: dict[str, dict]) -> dict[str, Any]:
     return truncation([f for v in samples.values() for f in v["finished"]])
 
 
-def write_report(out: Path, items, samples, scores, sweep_scores, changes, round_no) -> dict:
-    """report/summary.json, best_of_k.png (Fig. 7), temperature_sweep.png (Fig. 8);
-    samples.jsonl with every sample's scores and whether it ended with EOS."""
+def write_report(out: Path, items, samples, scores, sweep_scores, changes, round_no, judges=None) -> dict:
+    """report/summary.json, best_of_k.png (Fig. 7, with the judge's score of the chosen sample
+    when ``judges``: key -> the judge's scores of its K samples), temperature_sweep.png (Fig. 8);
+    samples.jsonl with every sample's scores (and judge scores) and whether it ended with EOS."""
     write_jsonl_rows(out / "samples.jsonl", [{"key": i.key, "is_safety": i.prompt.is_safety, "responses": samples[i.key]["responses"],
-                                          "finished": samples[i.key]["finished"], "scores": scores[i.key]} for i in items])
+                                          "finished": samples[i.key]["finished"], "scores": scores[i.key],
+                                          **({"judge": judges[i.key]} if judges else {})} for i in items])
     rewards = {key: [s["reward"] for s in rows] for key, rows in scores.items()}
-    curves = {name: average_curves(rewards, keys) for name, keys in prompt_categories(items).items()}
+    curves = {name: average_curves(rewards, keys, judges) for name, keys in prompt_categories(items).items()}
     sweep = {f"{t:g}": average_curves({k: [s["reward"] for s in v] for k, v in sc.items()}, list(sc))
              for t, sc in sweep_scores.items() if sc}
     summary = {"round": round_no, "best_of_k": curves, "temperature_sweep": sweep, "pool": changes,
@@ -88,7 +112,8 @@ def write_report(out: Path, items, samples, scores, sweep_scores, changes, round
                "categories_max_at_K": {name: c["max"][-1] for name, c in curves.items()}}
     (out / "report").mkdir(exist_ok=True)
     write_json_atomic(out / "report" / "summary.json", summary)
-    plot_curves(out / "report" / "best_of_k.png", curves, "Reward of the best of k samples (Fig. 7)")
+    plot_curves(out / "report" / "best_of_k.png", curves, "Reward of the best of k samples (Fig. 7)"
+                + (";\njudge score of the sample chosen" if judges else ""))
     if sweep:
         plot_curves(out / "report" / "temperature_sweep.png", {f"T={t}": c for t, c in sweep.items()},
                     "Best of k by temperature (Fig. 8)", median=False)

@@ -15,7 +15,8 @@
    candidates unless ``pool_truncated`` (the policy would learn to stop mid-sentence);
 4. report (``report``): the expected max and median R_c of k samples out of the K, k = 1..K, averaged over
    prompts, per prompt category (Fig. 7); an optional temperature sweep (Fig. 8); what the round
-   changed in the pool;
+   changed in the pool; with a ``judge``, its score of every sample and of the one the reward
+   models chose, k = 1..K (over-optimisation: proxy max of k up, judge of the chosen flat or down);
 5. fine-tune the policy (or ``student_from``: distillation) on the whole pool with SFT's rows and
    loss (loss on the sampled answer only), on the shared training loop.
 
@@ -33,7 +34,7 @@ from typing import Any, Sequence
 
 import torch
 
-from reward_model.model import load_reward_model, sample_probabilities, scoring
+from reward_model.model import load_judge, load_reward_model, sample_probabilities, scoring
 from rlhf.artifacts import StageRun, model_dir, read_manifest
 from rlhf.config import RecipeError
 from rlhf.data import Prompt, load_data, read_jsonl_rows, render_prompt, write_jsonl_rows
@@ -191,6 +192,24 @@ def round_best(items: Sequence[Item], samples: dict[str, dict], scores: dict[str
     return best
 
 
+def judge_samples(cfg: RejectionSamplingConfig, device, items: Sequence[Item], samples: dict[str, dict]) -> dict[str, list[float]] | None:
+    """key -> the independent judge's scores of its K samples (None without ``judge``)."""
+    judge = load_judge(cfg.judge, device)
+    if judge is None:
+        return None
+    prompts = [item.prompt for item in items for _ in samples[item.key]["responses"]]
+    flat = iter(judge(prompts, [r for item in items for r in samples[item.key]["responses"]]))
+    return {item.key: [next(flat) for _ in samples[item.key]["responses"]] for item in items}
+
+
+def judge_metrics(items: Sequence[Item], scores: dict[str, list[dict]], judges: dict[str, list[float]] | None) -> dict:
+    """The judge's mean score of all samples and of each prompt's best of K under R_c."""
+    if judges is None:
+        return {}
+    chosen = [judges[i.key][best_of([s["reward"] for s in scores[i.key]])] for i in items]
+    return {"judge_sample_mean": _mean(j for i in items for j in judges[i.key]), "judge_best_mean": _mean(chosen)}
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. The best-so-far pool (``pool``): re-scored when the reward models changed
 
@@ -236,6 +255,7 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     rescored = rescore_stale(accelerator, rms, previous, cfg.gate_threshold, penalty)
     reward_models, reward_scoring = rms.fingerprints, rms.scoring
     del rms
+    judges = judge_samples(cfg, accelerator.device, items, samples)
     _free_memory()
     model = {"path": str(cfg.policy_from), "fingerprint": stage.inputs["policy_from"]["fingerprint"]}
     pool, changes = update_pool(previous, round_best(items, samples, scores, cfg, round_no, model, reward_models))
@@ -245,7 +265,8 @@ def run(cfg: RejectionSamplingConfig) -> Path:
                           f"{cfg.sampling.max_new_tokens} tokens (no EOS), so the pool is empty; raise it, or set "
                           "pool_truncated: true to fine-tune on truncated answers")
     # 4. report (before training, so a long fine-tuning run can be watched with it)
-    summary = write_report(stage.dir, items, samples, scores, sweep_scores, changes, round_no) if accelerator.is_main_process else {}
+    summary = (write_report(stage.dir, items, samples, scores, sweep_scores, changes, round_no, judges)
+               if accelerator.is_main_process else {})
     if accelerator.is_main_process:
         write_jsonl_rows(stage.dir / POOL, list(pool.values()))
     # 5. fine-tune on the pool
@@ -256,6 +277,7 @@ def run(cfg: RejectionSamplingConfig) -> Path:
         "round": round_no, "prompts_sampled": len(items), "samples": len(items) * cfg.sampling.k,
         "best_reward_mean": _mean(max(s["reward"] for s in scores[i.key]) for i in items),
         "sample_reward_mean": _mean(s["reward"] for i in items for s in scores[i.key]),
+        **judge_metrics(items, scores, judges),
         "pool_size": len(pool), "pool_reward_mean": _mean(e["reward"] for e in pool.values()),
         **{f"pool_{k}": v for k, v in changes.items()},
         "response_tokens_mean": tokens / max(1, len(items) * cfg.sampling.k),
