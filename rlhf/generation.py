@@ -208,3 +208,10 @@ def make_sampler(model, tokenizer, cfg: SamplingConfig, template: str, seed: int
         return sample(model, tokenizer, ids, seeds, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.batch_size)
 
     return sampler
+
+
+def truncation_line(rates: dict[str, dict]) -> str:
+    """The report line of truncation rates: ``{name: {"rate", "truncated", "samples"}}`` ->
+    "Answers cut at sampling.max_new_tokens (no EOS): before 5.0% (1 of 20), ..."."""
+    return "Answers cut at sampling.max_new_tokens (no EOS): " + ", ".join(
+        f"{name} {t['rate']:.1%} ({t['truncated']} of {t['samples']})" for name, t in rates.items())

@@ -12,7 +12,7 @@ import torch
 
 from rlhf.config import JudgeConfig, RecipeError, validate
 from rlhf.data import Message, Prompt, PreferencePair
-from tiny import PROMPT_CORPUS, bpe_tokenizer, override, read_jsonl, stage_dir, stage_world, tiny_llama
+from tiny import PROMPT_CORPUS, bpe_tokenizer, ppo_config, read_jsonl, stage_dir, stage_world, tiny_llama
 
 HOOK = '''
 def length(prompts, responses):
@@ -170,19 +170,7 @@ def test_rejection_sampling_reports_the_judge_of_the_chosen_sample(world, tmp_pa
 
 
 def _ppo_cfg(world: Path, out: Path, **overrides):
-    from rlhf.ppo.config import PPOConfig
-
-    data = {
-        "stage": "ppo", "output_dir": str(out), "seed": 0,
-        "policy_from": str(world / "sft"), "helpfulness_rm_from": str(world / "rm_h"),
-        "safety_rm_from": str(world / "rm_s"),
-        "data": {"sources": [{"path": str(world / "prompts.jsonl")}]},
-        "sampling": {"max_new_tokens": 6, "batch_size": 4, "max_prompt_length": 64},
-        "ppo": {"iterations": 2, "prompts_per_iteration": 4, "beta": 0.05},
-        "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "save_every": 1},
-        "critic": {"lr": 1e-2},
-    }
-    return validate(PPOConfig, override(data, overrides), "test")
+    return ppo_config(world, out, **overrides)
 
 
 def test_ppo_logs_judge_and_health_and_early_stops_on_the_judge(world, tmp_path):

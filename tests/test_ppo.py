@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from launch import launch
-from rlhf.config import validate
 from rlhf.recipe import load_recipe
 from rlhf.ppo.config import PPOConfig
-from tiny import (PROMPT_CORPUS, Crash, override, read_jsonl, save_reward_model, save_with_tokenizer, stage_dir,
+from tiny import (PROMPT_CORPUS, Crash, ppo_config, read_jsonl, save_reward_model, save_with_tokenizer, stage_dir,
                   stage_world, stored_weights)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,17 +27,7 @@ def world(tmp_path_factory) -> Path:
 
 
 def _cfg(world: Path, out: Path, **overrides) -> PPOConfig:
-    data = {
-        "stage": "ppo", "output_dir": str(out), "seed": 0,
-        "policy_from": str(world / "sft"), "helpfulness_rm_from": str(world / "rm_h"),
-        "safety_rm_from": str(world / "rm_s"),
-        "data": {"sources": [{"path": str(world / "prompts.jsonl")}]},
-        "sampling": {"max_new_tokens": 6, "batch_size": 4, "max_prompt_length": 64},
-        "ppo": {"iterations": 2, "prompts_per_iteration": 4, "beta": 0.05},
-        "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "save_every": 1},
-        "critic": {"lr": 1e-2},
-    }
-    return validate(PPOConfig, override(data, overrides), "test")
+    return ppo_config(world, out, **overrides)
 
 
 def _metrics(out: Path) -> list[dict]:

@@ -16,7 +16,7 @@ from reward_model.model import RewardModel, load_reward_model
 from rlhf.config import validate
 from rlhf.data import Message, read_jsonl_rows, render_prompt
 from rlhf.models import load_tokenizer
-from tiny import PROMPT_CORPUS, bpe_tokenizer, llama_config, override, read_jsonl, stage_world, tiny_llama, word_tokenizer
+from tiny import PROMPT_CORPUS, bpe_tokenizer, llama_config, override, ppo_config, read_jsonl, stage_world, tiny_llama, word_tokenizer
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "bye", "ok", "no"]
 
@@ -142,17 +142,9 @@ def test_rejection_sampling_scores_the_generated_ids_where_the_tokens_are_shared
 
 
 def _ppo_cfg(world: Path, out: Path, **overrides):
-    from rlhf.ppo.config import PPOConfig
-
-    data = {
-        "stage": "ppo", "output_dir": str(out), "policy_from": str(world / "sft"),
-        "helpfulness_rm_from": str(world / "rm_h"), "safety_rm_from": str(world / "rm_s"),
-        "data": {"sources": [{"path": str(world / "prompts.jsonl")}]},
-        "sampling": {"max_new_tokens": 6, "batch_size": 4, "max_prompt_length": 64},
-        "ppo": {"iterations": 1, "prompts_per_iteration": 4},
-        "train": {"batch_size": 4, "micro_batch_size": 4},
-    }
-    return validate(PPOConfig, override(data, overrides), "test")
+    """One iteration, one mini-batch of 4, the paper's lr and beta."""
+    return ppo_config(world, out, ppo={"iterations": 1, "prompts_per_iteration": 4},
+                      train={"batch_size": 4, "micro_batch_size": 4}, critic={}, **overrides)
 
 
 def test_ppo_scores_the_generated_ids_where_the_tokens_are_shared(world, tmp_path, scored, monkeypatch):

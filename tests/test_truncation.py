@@ -28,7 +28,7 @@ from rlhf.generation import Samples, sample
 from rlhf.models import load_tokenizer
 from rlhf.rewards import logit, safety_gate
 from rlhf.stages import config_class
-from tiny import (PROMPT_CORPUS, bpe_tokenizer, llama_config, override, read_jsonl, save_reward_model, stage_dir,
+from tiny import (PROMPT_CORPUS, bpe_tokenizer, llama_config, override, ppo_config, read_jsonl, save_reward_model, stage_dir,
                   stage_world, tiny_llama, word_tokenizer, word_world)
 
 EOS = 2  # of every tokenizer in tiny.py
@@ -221,17 +221,9 @@ def test_a_truncated_pool_answer_is_fine_tuned_without_an_eos():
 
 
 def _ppo_cfg(world: Path, out: Path, **overrides):
-    from rlhf.ppo.config import PPOConfig
-
-    data = {
-        "stage": "ppo", "output_dir": str(out), "policy_from": str(world / "sft"),
-        "helpfulness_rm_from": str(world / "rm_h"), "safety_rm_from": str(world / "rm_s"),
-        "data": {"sources": [{"path": str(world / "prompts.jsonl")}]},
-        "sampling": {"max_new_tokens": 4, "batch_size": 4, "max_prompt_length": 64},
-        "ppo": {"iterations": 1, "prompts_per_iteration": 4},
-        "train": {"batch_size": 4, "micro_batch_size": 4},
-    }
-    return validate(PPOConfig, override(data, overrides), "test")
+    """One iteration, one mini-batch of 4, the paper's lr and beta."""
+    return ppo_config(world, out, ppo={"iterations": 1, "prompts_per_iteration": 4},
+                      train={"batch_size": 4, "micro_batch_size": 4}, critic={}, **{"sampling.max_new_tokens": 4, **overrides})
 
 
 def test_ppo_scores_truncated_rollouts_without_eos_and_penalised(world, tmp_path, monkeypatch):

@@ -208,3 +208,22 @@ def hh_rows(path: Path, pairs: list[tuple[list[str], str, str]]) -> Path:
     lines = [json.dumps({"chosen": transcript(t, c), "rejected": transcript(t, r)}) for t, c, r in pairs]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def ppo_config(world: Path, out: Path, **overrides):
+    """A PPO config on a ``stage_world``: 2 iterations of 4 prompts, 6-token answers, two
+    mini-batches of 2, lr 1e-2; ``overrides`` are dotted keys (``"ppo.beta": 0.1``) or whole groups."""
+    from rlhf.config import validate
+    from rlhf.ppo.config import PPOConfig
+
+    data = {
+        "stage": "ppo", "output_dir": str(out), "seed": 0,
+        "policy_from": str(world / "sft"), "helpfulness_rm_from": str(world / "rm_h"),
+        "safety_rm_from": str(world / "rm_s"),
+        "data": {"sources": [{"path": str(world / "prompts.jsonl")}]},
+        "sampling": {"max_new_tokens": 6, "batch_size": 4, "max_prompt_length": 64},
+        "ppo": {"iterations": 2, "prompts_per_iteration": 4, "beta": 0.05},
+        "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 1, "save_every": 1},
+        "critic": {"lr": 1e-2},
+    }
+    return validate(PPOConfig, override(data, overrides), "test")

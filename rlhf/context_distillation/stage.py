@@ -25,7 +25,7 @@ from rlhf.context_distillation.config import ContextDistillationConfig, Prepromp
 from rlhf.data import (
     DataConfig, Message, Prompt, SFTExample, load_data, read_records, write_jsonl, write_jsonl_rows,
 )
-from rlhf.generation import Sampler, make_sampler, truncation
+from rlhf.generation import Sampler, make_sampler, truncation, truncation_line
 from rlhf.models import inference_dtype, load_policy
 from rlhf.sharding import in_chunks
 from rlhf.training import make_accelerator
@@ -202,8 +202,7 @@ def write_summary(out: Path, rows: list[dict], better: list[bool], keep: list[bo
              f"policy before (eval prompts) | {s['before_mean']:.3f} | {s['before_p10']:.3f} | {s['before_min']:.3f}",
              f"policy after | {s['after_mean']:.3f} | {s['after_p10']:.3f} | {s['after_min']:.3f}",
              f"shift | {s['shift_mean']:+.3f} | {s['shift_p10']:+.3f} | {s['shift_min']:+.3f}", "",
-             "Answers cut at sampling.max_new_tokens (no EOS): " +
-             ", ".join(f"{name} {t['rate']:.1%} ({t['truncated']} of {t['samples']})" for name, t in truncated.items())]
+             truncation_line(truncated)]
     if gold:
         lines += ["", "Gold judge (eval prompts) | safety (harmful refused) | false refusal (borderline)", "---|---|---"]
         lines += [f"policy {name} | {g['safety']:.1%} | {g['false_refusal']:.1%}" for name, g in gold.items()]

@@ -29,7 +29,7 @@ from rlhf.config import RecipeError
 from rlhf.data import Message, Prompt, SFTExample, load_data, read_records, write_jsonl, write_jsonl_rows
 from rlhf.gatt.checks import OBEY, get_checker
 from rlhf.gatt.config import Constraint, GAttConfig, InstructionsConfig
-from rlhf.generation import Sampler, make_sampler, truncation
+from rlhf.generation import Sampler, make_sampler, truncation, truncation_line
 from rlhf.models import inference_dtype, load_policy
 from rlhf.sharding import in_chunks
 from rlhf.training import make_accelerator
@@ -303,8 +303,7 @@ def write_eval(out: Path, results: dict[str, list[Dialogue]], constraints: Seque
     for k in depths:
         cells = [f"{r[k]['follow']:.1%} ({r[k]['judged']})" if k in r else "-" for r in rates.values()]
         lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    lines += ["", "Answers cut at sampling.max_new_tokens (no EOS): " +
-              ", ".join(f"{name} {t['rate']:.1%} ({t['truncated']} of {t['samples']})" for name, t in truncated.items())]
+    lines += ["", truncation_line(truncated)]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return rates
 
