@@ -210,6 +210,12 @@ def make_sampler(model, tokenizer, cfg: SamplingConfig, template: str, seed: int
     return sampler
 
 
+def eval_sampler(model, tokenizer, cfg) -> Sampler:
+    """The sampler of a generation stage's evaluation (GAtt, context distillation): the stage's
+    ``sampling`` at ``eval.temperature``."""
+    return make_sampler(model, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
+
+
 def truncation_line(rates: dict[str, dict]) -> str:
     """The report line of truncation rates: ``{name: {"rate", "truncated", "samples"}}`` ->
     "Answers cut at sampling.max_new_tokens (no EOS): before 5.0% (1 of 20), ..."."""

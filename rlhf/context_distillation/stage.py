@@ -25,7 +25,7 @@ from rlhf.context_distillation.config import ContextDistillationConfig, Prepromp
 from rlhf.data import (
     DataConfig, Message, Prompt, SFTExample, load_data, read_records, write_jsonl, write_jsonl_rows,
 )
-from rlhf.generation import Sampler, make_sampler, truncation, truncation_line
+from rlhf.generation import Sampler, eval_sampler, make_sampler, truncation, truncation_line
 from rlhf.models import inference_dtype, load_policy
 from rlhf.sharding import in_chunks
 from rlhf.training import make_accelerator
@@ -218,7 +218,7 @@ def run(cfg: ContextDistillationConfig) -> Path:
     dtype = inference_dtype(cfg.train.mixed_precision, accelerator.device)
     policy, tokenizer = load_policy(cfg.policy_from, accelerator.device, dtype)
     sampler = make_sampler(policy, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
-    evaluator = make_sampler(policy, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
+    evaluator = eval_sampler(policy, tokenizer, cfg)
     rm = load_reward_model(cfg.safety_rm_from, accelerator.device, dtype=dtype)
     prompts, counts = safety_prompts(cfg.data, cfg.seed, cfg.data.max_prompts, "data")
     held = cfg.data.model_copy(update={"sources": cfg.eval.sources, "mixture": None}) if cfg.eval.sources else cfg.data
@@ -249,7 +249,7 @@ def run(cfg: ContextDistillationConfig) -> Path:
     metrics, data_counts = fine_tune_generated(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
     # 5. the fine-tuned policy's answers to the evaluation prompts
     tuned, _ = load_policy(run.dir / "model", accelerator.device, dtype)
-    evaluator = make_sampler(tuned, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
+    evaluator = eval_sampler(tuned, tokenizer, cfg)
     after = safety_answers(run, accelerator, "eval_after", eval_prompts, evaluator, rm, size)
     truncated |= {name: truncation([r["finished"] for r in rs]) for name, rs in (("before", before), ("after", after))}
     summary = {}

@@ -29,7 +29,7 @@ from rlhf.config import RecipeError
 from rlhf.data import Message, Prompt, SFTExample, load_data, read_records, write_jsonl, write_jsonl_rows
 from rlhf.gatt.checks import OBEY, get_checker
 from rlhf.gatt.config import Constraint, GAttConfig, InstructionsConfig
-from rlhf.generation import Sampler, make_sampler, truncation, truncation_line
+from rlhf.generation import Sampler, eval_sampler, make_sampler, truncation, truncation_line
 from rlhf.models import inference_dtype, load_policy
 from rlhf.sharding import in_chunks
 from rlhf.training import make_accelerator
@@ -316,7 +316,7 @@ def run(cfg: GAttConfig) -> Path:
     dtype = inference_dtype(cfg.train.mixed_precision, accelerator.device)
     policy, tokenizer = load_policy(cfg.policy_from, accelerator.device, dtype)
     sampler = make_sampler(policy, tokenizer, cfg.sampling, cfg.data.template, cfg.seed)
-    evaluator = make_sampler(policy, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
+    evaluator = eval_sampler(policy, tokenizer, cfg)
     train_users, eval_users, counts = dialogue_users(cfg)
     dialogues = make_dialogues(train_users, cfg.instructions, cfg.seed, "train")
     held_out = make_dialogues(eval_users, cfg.instructions, cfg.seed, "eval", checked_only=True)
@@ -335,7 +335,7 @@ def run(cfg: GAttConfig) -> Path:
     metrics, rows = fine_tune_generated(run, accelerator, model_dir(cfg.policy_from), examples, cfg)
     # 4. the fine-tuned policy on the same held-out dialogues
     tuned, _ = load_policy(run.dir / "model", accelerator.device, dtype)
-    evaluator = make_sampler(tuned, tokenizer, cfg.sampling.at_temperature(cfg.eval.temperature), cfg.data.template, cfg.seed)
+    evaluator = eval_sampler(tuned, tokenizer, cfg)
     after = answer_dialogues(run, accelerator, "eval_after", held_out, cfg.eval.turns, evaluator, "first", size)
     results = {"sampled": sampled, "before": before, "after": after}
     truncated = {name: truncation([f for d in ds for f in d.finished]) for name, ds in results.items()}
