@@ -47,6 +47,8 @@ class RMDataConfig(DataConfig, LengthLimit):
 
 
 class RMLossConfig(Strict):
+    """The binary ranking loss with a margin that grows with the rating (Llama 2, Eq. 2)."""
+
     margin: Literal["none", "small", "large"] | dict[RatingLabel, float] = Field(
         "small", description="Margin table m(rating) of the loss -log sigmoid(r_chosen - "
         "r_rejected - m): none, small (1, 2/3, 1/3, 0), large (3, 2, 1, 0), or a table giving "
@@ -66,6 +68,8 @@ class RMLossConfig(Strict):
 
 
 class RMTrainConfig(TrainConfig):
+    """Optimizer, schedule and batching (``batch_size`` in pairs), with the Llama 2-Chat reward-model defaults."""
+
     lr: float = Field(1e-5, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
@@ -78,10 +82,13 @@ class RMTrainConfig(TrainConfig):
 
 
 class RMEvalConfig(Strict):
+    """The evaluation after training: accuracy (by rating), calibration, unsafe-response recall."""
+
     unsafe_threshold: float = Field(
         0.15, gt=0.0, lt=1.0, description="A response scoring sigmoid(r) below this counts as "
         "flagged unsafe (the PPO safety gate's 0.15); recall and precision are reported.")
-    calibration_bins: int = Field(10, gt=1)
+    calibration_bins: int = Field(10, gt=1, description="Bins of the calibration curve (predicted "
+                                  "preference probability vs observed).")
     batch_tokens: int = Field(8192, gt=0, description="Tokens per scoring forward (packed row).")
 
 
@@ -92,7 +99,8 @@ class RewardModelConfig(StageConfig):
 
     stage: Literal["reward_model"] = "reward_model"
     output_dir: Path = Path("runs/reward_model")
-    model_from: Path
+    model_from: Path = Field(description="The model the reward model starts from (its LM head replaced "
+                             "by a scalar head): a policy stage directory or a Hugging Face checkpoint.")
     model: ModelConfig = ModelConfig()
     data: RMDataConfig
     loss: RMLossConfig = RMLossConfig()

@@ -10,15 +10,40 @@ import sys
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+DISTRIBUTION = "rlhf-toolkit"  # the name in pyproject.toml, which --version reports
 
 _EPILOG = """examples:
   rlhf run recipes/quickstart.yaml                  run the whole quickstart pipeline
   rlhf run recipes/quickstart/sft.yaml train.lr=1e-4 output_dir=runs/my_sft
   rlhf show recipes/quickstart.yaml sft.train.epochs=2
+  rlhf show --keys ppo                              every key of the ppo stage: type, default, meaning
+  rlhf recipes                                      the shipped recipes
+  rlhf recipes copy quickstart/sft.yaml my_sft.yaml
   rlhf status runs/quickstart
   torchrun --nproc_per_node 2 -m rlhf run recipes/quickstart/sft.yaml
   accelerate launch --config_file recipes/accelerate/fsdp.yaml -m rlhf run RECIPE
 """
+
+
+_RECIPES_HELP = """The recipes shipped in the repository's recipes/ folder: stage recipes, pipeline and round
+recipes, and accelerate configs. `rlhf recipes copy NAME DEST` copies one (or a whole folder)
+to DEST, or into DEST when it is an existing folder; it never overwrites anything.
+
+A pipeline or round recipe names its stage recipes relative to its own file (quickstart.yaml
+names quickstart/sft.yaml): copy the folder they are in beside it, e.g.
+  rlhf recipes copy quickstart.yaml my/quickstart.yaml
+  rlhf recipes copy quickstart my/quickstart
+or copy a folder whose recipes name each other (quickstart/round.yaml names its neighbours).
+Every other path in a recipe (data, model_from, output_dir) is relative to the directory you run
+rlhf from, as in the shipped recipes.
+"""
+
+_ROUND_RUN_HELP = """Run the next round, or finish an interrupted one. KEY=VALUE overrides address the round
+recipe's own keys (policy=..., initial_policy=...) or a stage by its name
+(rejection_sampling.sampling.k=16). They are stored with the run's recipe (the header of
+RUN/round.yaml): later rounds and resumes use them without repeating them, a key given again
+takes the new value, and a stage whose config they change runs again (its earlier run is moved
+aside), as with any changed config. --recipe replaces the stored recipe and its overrides."""
 
 
 _FORMAT_HELP = "auto (from the file name), jsonl, json, csv, parquet, datasets, hh-rlhf"
@@ -46,6 +71,20 @@ def _at_least(low: float, kind: type):
     return parse
 
 
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version(DISTRIBUTION)
+        except PackageNotFoundError:
+            found = "(not installed: run `pip install -e .` in the checkout)"
+        print(f"{DISTRIBUTION} {found}")
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf",
@@ -53,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_Version, nargs=0, help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_recipe_commands(sub)
     _add_tools(sub)
@@ -66,10 +106,21 @@ def _add_recipe_commands(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=1e-5")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("show", help="print the fully resolved recipe as YAML")
-    p.add_argument("recipe", type=Path)
+    p = sub.add_parser("show", help="print the fully resolved recipe as YAML, or a stage's keys (--keys)")
+    p.add_argument("recipe", type=Path, nargs="?")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--keys", metavar="STAGE", help="every recipe key of STAGE (groups as dotted paths) with "
+                   "its type, default and description, instead of a recipe")
     p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("recipes", help="list the shipped recipes; `recipes copy NAME DEST` copies one",
+                       description=_RECIPES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipes_sub = p.add_subparsers(dest="recipes_command", metavar="RECIPES_COMMAND")
+    c = recipes_sub.add_parser("copy", help="copy a shipped recipe or folder to edit it",
+                               description=_RECIPES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("name", help="as `rlhf recipes` lists it (`.yaml` may be left out), or a folder: quickstart")
+    c.add_argument("dest", type=Path, help="the new file or folder, or an existing folder to copy into")
+    p.set_defaults(func=_cmd_recipes)
 
     p = sub.add_parser("status", help="show the stages under an output directory")
     p.add_argument("dir", type=Path)
@@ -120,9 +171,12 @@ def _add_round_commands(sub) -> None:
     r.add_argument("--safety", type=Path, help="safety preference pairs")
     r.add_argument("--format", type=_data_format, default="auto", help=_FORMAT_HELP)
     r.set_defaults(func=_cmd_round_add_batch)
-    r = round_sub.add_parser("run", help="run the next round (or finish an interrupted one)")
+    r = round_sub.add_parser("run", help="run the next round (or finish an interrupted one)", description=_ROUND_RUN_HELP)
     r.add_argument("run", type=Path)
-    r.add_argument("--recipe", type=Path, help="round recipe (required the first time; stored in the run)")
+    r.add_argument("--recipe", type=Path, help="round recipe (required the first time; stored in the run, "
+                   "replacing the stored one and its overrides)")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. policy=rl or rejection_sampling.sampling.k=16; stored with the run's recipe")
     r.set_defaults(func=_cmd_round_run)
     r = round_sub.add_parser("status", help="batches, rounds, stages and headline metrics")
     r.add_argument("run", type=Path)
@@ -172,7 +226,7 @@ def _cmd_round_add_batch(args: argparse.Namespace) -> int:
 def _cmd_round_run(args: argparse.Namespace) -> int:
     from rlhf.rounds import run_round
 
-    print(f"[rlhf] round done: {run_round(args.run, args.recipe)}")
+    print(f"[rlhf] round done: {run_round(args.run, args.recipe, args.overrides)}")
     return 0
 
 
@@ -193,13 +247,57 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from rlhf.config import RecipeError
     from rlhf.recipe import load_recipe, read_yaml, to_yaml
     from rlhf.rounds import preview_round
 
+    if args.keys is not None:
+        if args.recipe is not None:
+            raise RecipeError("show: give a RECIPE or --keys STAGE, not both")
+        return _show_keys(args.keys)
+    if args.recipe is None:
+        raise RecipeError("show: give a RECIPE (with KEY=VALUE overrides), or --keys STAGE")
     if "initial_policy" in read_yaml(args.recipe):  # a round recipe: shown as its first round
         print(to_yaml(preview_round(args.recipe, args.overrides)), end="")
     else:
         print(to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    return 0
+
+
+def _show_keys(stage: str) -> int:
+    import difflib
+
+    from rlhf.config import RecipeError
+    from rlhf.recipe import format_keys, recipe_keys
+    from rlhf.stages import config_class, stage_names
+
+    if stage not in stage_names():
+        close = difflib.get_close_matches(stage, stage_names(), n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise RecipeError(f"--keys: unknown stage {stage!r}{hint}; stages: {', '.join(stage_names())}")
+    print(format_keys(recipe_keys(config_class(stage))), end="")
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from rlhf.recipe import copy_shipped, missing_stage_recipes, shipped_recipes, shipped_recipes_dir
+
+    root = shipped_recipes_dir()
+    if args.recipes_command == "copy":
+        target = copy_shipped(root, args.name, args.dest)
+        print(f"[rlhf] copied {args.name} to {target}")
+        for path in sorted(target.rglob("*.yaml")) if target.is_dir() else [target]:
+            missing = missing_stage_recipes(path)
+            if missing:
+                print(f"note: {path} names stage recipes relative to its own folder that are not there: "
+                      f"{', '.join(missing)}; copy them too, or edit its `recipe:` paths")
+        return 0
+    rows = shipped_recipes(root)
+    width, kind_width = max(len(r.name) for r in rows), max(len(r.kind) for r in rows)
+    for r in rows:
+        print(f"{r.name:<{width}}  {r.kind:<{kind_width}}  {r.description}".rstrip())
+    folders = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir())
+    print(f"\n{len(rows)} recipes in {root}; folders (copy one whole): {', '.join(folders)}")
     return 0
 
 
@@ -239,8 +337,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return RecipeError, InputError, DataError, DiskFull, Diverged
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; KEY=VALUE overrides may also follow an option (``round run RUN --recipe R
+    k=v``), which argparse alone does not allow after a positional list."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -73,12 +73,15 @@ MissingEosPenalty = Annotated[float | None, Field(gt=0, description=(
 class LoraConfig(Strict):
     """LoRA adapters (peft). Off unless ``enabled``."""
 
-    enabled: bool = False
-    r: int = Field(8, gt=0)
-    alpha: float = 16.0
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    merge: bool = True  # save the merged model (plain HF) instead of the adapter + base
+    enabled: bool = Field(False, description="Train LoRA adapters instead of every weight.")
+    r: int = Field(8, gt=0, description="Rank of the adapters.")
+    alpha: float = Field(16.0, description="LoRA alpha: the adapters' update is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get adapters: `all-linear` (every linear layer but the "
+        "output head), or module names, e.g. [q_proj, v_proj].")
+    merge: bool = Field(True, description="Save the merged model (a plain Hugging Face checkpoint) "
+                        "instead of the adapter with its base recorded.")
 
 
 
@@ -89,16 +92,19 @@ class ModelConfig(Strict):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; every one keeps packed sequences apart (position ids "
         "restarting per sequence; flash_attention_2 gets one flattened row per forward).")
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward "
+                                         "pass: less memory, about a third more compute.")
     lora: LoraConfig = LoraConfig()
 
 
 class SamplingConfig(Strict):
     """How a policy's answers are sampled (``rlhf.generation``)."""
 
-    max_new_tokens: int = Field(128, gt=0)
+    max_new_tokens: int = Field(128, gt=0, description="Tokens generated per answer at most; an answer "
+                                "cut there has no EOS (counted as truncated).")
     temperature: float = Field(0.7, ge=0, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: draw from the most probable "
+                         "tokens whose probabilities sum to top_p (1 = the whole distribution).")
     batch_size: int = Field(32, gt=0, description="Rows (answers) per generation call on each process.")
 
     def at_temperature(self, temperature: float) -> "SamplingConfig":
@@ -149,23 +155,30 @@ class TrainConfig(Strict):
     (sequences for SFT, pairs for reward models); it is split over processes and gradient
     accumulation steps of ``micro_batch_size`` each."""
 
-    lr: float = Field(2e-5, gt=0)
-    schedule: Literal["cosine", "constant", "linear"] = "cosine"
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # cosine/linear decay ends at lr * this
-    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
-    min_warmup_steps: int = Field(0, ge=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # caps the optimizer steps when set
-    batch_size: int = Field(8, gt=0)
-    micro_batch_size: int = Field(8, gt=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    save_every: int = Field(50, gt=0)  # checkpoint every N optimizer steps
-    keep_checkpoints: int = Field(1, gt=0)
-    log_every: int = Field(1, gt=0)
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW), reached after warmup.")
+    schedule: Literal["cosine", "constant", "linear"] = Field(
+        "cosine", description="Learning-rate decay after warmup.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Cosine/linear decay ends at lr * this.")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the optimizer steps over "
+                                "which the learning rate rises linearly from 0 to lr.")
+    min_warmup_steps: int = Field(0, ge=0, description="At least this many warmup steps.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data; a fraction trains on "
+                          "that share of one.")
+    max_steps: int | None = Field(None, gt=0, description="Caps the optimizer steps when set.")
+    batch_size: int = Field(8, gt=0, description="Global batch per optimizer step, in examples "
+                            "(sequences for SFT, pairs for reward models), over all processes.")
+    micro_batch_size: int = Field(8, gt=0, description="Examples per forward on each process; gradient "
+                                  "accumulation makes up the rest of batch_size.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW (decoupled) weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (beta1, beta2).")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this; null: no clipping.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="Autocast precision of the forward and backward (`no`: fp32; fp16 needs a GPU).")
+    save_every: int = Field(50, gt=0, description="Checkpoint every N optimizer steps (a killed run "
+                            "resumes from the newest).")
+    keep_checkpoints: int = Field(1, gt=0, description="Checkpoints kept on disk, the newest ones.")
+    log_every: int = Field(1, gt=0, description="Log metrics (metrics.jsonl, trackers) every N optimizer steps.")
 
     @model_validator(mode="after")
     def _micro_divides_batch(self) -> "TrainConfig":
@@ -190,9 +203,12 @@ class StageConfig(Strict):
     # Old key path -> new key path: a recipe that still uses the old one gets an error naming the new.
     RENAMED: ClassVar[dict[str, str]] = {}
 
-    stage: str
-    output_dir: Path = Path("runs/stage")
-    seed: int = 0
+    stage: str = Field(description="Which stage this recipe runs; every stage recipe names it.")
+    output_dir: Path = Field(Path("runs/stage"), description="The stage directory written (config.yaml, "
+                             "metrics.jsonl, model/, manifest.json); in a pipeline: the pipeline's "
+                             "output_dir / the stage's name.")
+    seed: int = Field(0, description="Seed of everything the stage draws at random (initialisation, "
+                      "data order, held-out splits, sampling).")
     report_to: list[Tracker] = Field(
         [], description="Also log to TensorBoard and/or W&B (when installed): the resolved config, then "
         "the metrics; their files go in the stage directory (tensorboard/, wandb/).")

@@ -11,12 +11,18 @@ prints them and exits 2. Nothing here imports torch.
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
+import shutil
+import textwrap
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+from pydantic.fields import FieldInfo
 
 from rlhf.config import RecipeError, StageConfig, Strict, Tracker, describe, validate
 from rlhf.tracking import tracking_defaults
@@ -173,20 +179,33 @@ def load_recipe(path: Path | str, overrides: list[str] = ()) -> StageConfig | Pi
     return load_stage(data, where)
 
 
+def split_overrides(data: dict[str, Any], overrides: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """Overrides of a pipeline (or round) recipe: those of its own keys (``output_dir=...``), and
+    those of a stage by its name (``sft.train.lr=1e-5`` -> ``{"sft": ["train.lr=1e-5"]}``)."""
+    names = {s.get("name") for s in data.get("stages") or [] if isinstance(s, dict)}
+    own: list[str] = []
+    per_stage: dict[str, list[str]] = {}
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        head = key.split(".", 1)[0]
+        if head in names and "." in key:
+            per_stage.setdefault(head, []).append(text.split(".", 1)[1])
+        else:
+            own.append(text)
+    return own, per_stage
+
+
+def merge_overrides(earlier: list[str], later: list[str]) -> list[str]:
+    """``earlier`` then ``later``, an earlier override of a key given again left out."""
+    keys = {text.split("=", 1)[0] for text in later}
+    return [text for text in earlier if text.split("=", 1)[0] not in keys] + list(later)
+
+
 def _load_pipeline(path: Path, data: dict[str, Any], overrides: list[str]) -> Pipeline:
     """Overrides address the pipeline's own keys (``output_dir=...``) or a stage by name
     (``sft.train.lr=1e-5``)."""
-    stage_names_in_file = {
-        s.get("name") for s in data.get("stages") or [] if isinstance(s, dict)
-    }
-    per_stage: dict[str, list[str]] = {}
-    for text in overrides:
-        head = text.split("=", 1)[0].split(".", 1)[0]
-        if head in stage_names_in_file and "." in text.split("=", 1)[0]:
-            per_stage.setdefault(head, []).append(text.split(".", 1)[1])
-        else:
-            apply_overrides(data, [text])
-    cfg: PipelineConfig = validate(PipelineConfig, data, str(path))
+    own, per_stage = split_overrides(data, overrides)
+    cfg: PipelineConfig = validate(PipelineConfig, apply_overrides(data, own), str(path))
     track = tracking_defaults(cfg.pipeline, cfg.report_to, cfg.wandb_project or cfg.pipeline)
     stages = resolve_stages(cfg.stages, cfg.output_dir, path, per_stage, edit=track)
     return Pipeline(config=cfg, stages=stages)
@@ -260,3 +279,208 @@ def to_yaml(obj: StageConfig | Pipeline) -> str:
     else:
         data = obj.model_dump(mode="json")
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The keys of a stage's recipe (``rlhf show --keys STAGE``)
+
+
+class RecipeKey(NamedTuple):
+    """One key of a recipe: its dotted path (``[]`` marks the items of a list of groups), its
+    type, its default as JSON (``None``: required), its constraints, its description, and
+    whether it is a group of keys."""
+
+    path: str
+    type: str
+    default: str | None
+    constraints: str
+    description: str
+    group: bool
+
+
+def recipe_keys(model: type[BaseModel], prefix: str = "") -> list[RecipeKey]:
+    """Every key of ``model``, groups before their keys, in declaration order."""
+    keys = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        group, many = _group_of(field.annotation)
+        keys.append(RecipeKey(path, type_name(field.annotation), _default(field), _constraints(field),
+                              _description(model, name) or _docline(group), group is not None))
+        if group is not None:
+            keys += recipe_keys(group, f"{path}[]." if many else f"{path}.")
+    return keys
+
+
+def _group_of(annotation: Any) -> tuple[type[BaseModel] | None, bool]:
+    """The model of a group field (``X``, ``X | None``) or of a list of groups (``list[X]``)."""
+    if get_origin(annotation) is list:
+        inner, _ = _group_of(get_args(annotation)[0])
+        return inner, inner is not None
+    if _is_union(annotation):
+        kinds = [a for a in get_args(annotation) if a is not type(None)]
+        return _group_of(kinds[0]) if len(kinds) == 1 else (None, False)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    return None, False
+
+
+def _is_union(annotation: Any) -> bool:
+    return get_origin(annotation) in (Union, UnionType)
+
+
+def type_name(annotation: Any) -> str:
+    """A type as a recipe writer reads it: ``int | null``, ``cosine | constant``, ``list[path]``."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if annotation is type(None):
+        return "null"
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if _is_union(annotation):
+        return " | ".join(type_name(a) for a in args)
+    if origin is Annotated:
+        return type_name(args[0])
+    if origin in (list, tuple, dict):
+        return f"{origin.__name__}[{', '.join('...' if a is Ellipsis else type_name(a) for a in args)}]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "group"
+    names = {Path: "path", Any: "any"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _default(field: FieldInfo) -> str | None:
+    if field.is_required():
+        return None
+    value = field.get_default(call_default_factory=True)
+    return json.dumps(TypeAdapter(Any).dump_python(value, mode="json"))
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "at least", "max_length": "at most"}
+
+
+def _constraints(field: FieldInfo) -> str:
+    """``> 0``, ``>= 0, <= 1``, ``at least 1`` (items), ``pattern ^...$``."""
+    found = []
+    for item in field.metadata:
+        for attr, sign in _BOUNDS.items():
+            if getattr(item, attr, None) is not None:
+                value = getattr(item, attr)
+                found.append(f"{sign} {value:g}" if "length" not in attr else f"{sign} {value} item{'s' * (value != 1)}")
+        if getattr(item, "pattern", None):
+            found.append(f"pattern {item.pattern}")
+    return ", ".join(found)
+
+
+def _description(model: type[BaseModel], name: str) -> str:
+    """A field's description; a field a subclass redefines (a new default) keeps its base's."""
+    for cls in model.__mro__:
+        field = getattr(cls, "model_fields", {}).get(name) if issubclass(cls, BaseModel) else None
+        if field is not None and field.description:
+            return " ".join(field.description.split())
+    return ""
+
+
+def _docline(model: type[BaseModel] | None) -> str:
+    """The first sentence of a group's docstring, or of the nearest config class it extends
+    (what a group field without a description is)."""
+    docs = [c.__doc__ for c in (model.__mro__ if model is not None else ()) if issubclass(c, Strict) and c is not Strict]
+    doc = " ".join(next((d for d in docs if d), "").split())
+    return doc.split(". ")[0].rstrip(".") + "." if doc else ""
+
+
+def format_keys(keys: list[RecipeKey], width: int = 100) -> str:
+    """Keys as ``path: type (constraints) = default`` with the description indented below."""
+    lines = []
+    for key in keys:
+        head = f"{key.path}: {key.type}" + (f" ({key.constraints})" if key.constraints else "")
+        head += " = " + key.default if key.default is not None and (not key.group or key.default == "null") else ""
+        head += " (required)" if key.default is None else ""
+        lines.append(head)
+        lines += textwrap.wrap(key.description, width, initial_indent="    ", subsequent_indent="    ",
+                               break_on_hyphens=False)
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The shipped recipes (``rlhf recipes``, ``rlhf recipes copy``)
+
+
+class ShippedRecipe(NamedTuple):
+    name: str  # relative to the recipes folder, e.g. quickstart/sft.yaml
+    kind: str  # the stage it runs, pipeline, round or accelerate
+    description: str  # the first line of its leading comment
+
+
+def shipped_recipes_dir() -> Path:
+    """The ``recipes/`` folder of the source checkout the toolkit runs from (an editable install,
+    or a checkout on the path). The recipes are no package data: they name the checkout's
+    ``data/`` by relative path, so they live beside it."""
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    if not root.is_dir():
+        raise RecipeError(f"{root}: not found; the shipped recipes come with the source checkout: "
+                          "clone the repository and install it with `pip install -e .`")
+    return root
+
+
+def shipped_recipes(root: Path) -> list[ShippedRecipe]:
+    paths = sorted(root.rglob("*.yaml"), key=lambda p: p.relative_to(root).as_posix())
+    return [_describe_recipe(root, path) for path in paths]
+
+
+def _describe_recipe(root: Path, path: Path) -> ShippedRecipe:
+    data = read_yaml(path)
+    kinds = {"initial_policy": "round", "stages": "pipeline", "compute_environment": "accelerate"}
+    kind = str(data["stage"]) if "stage" in data else next((k for key, k in kinds.items() if key in data), "")
+    return ShippedRecipe(path.relative_to(root).as_posix(), kind, lead_sentence(path.read_text(encoding="utf-8")))
+
+
+def lead_sentence(text: str) -> str:
+    """What a YAML file's leading comment says first: its lines up to the first that ends a
+    sentence (``.`` or ``:``) or precedes an indented command line, cut at the first ``: ``.
+    "# Data parallel: accelerate launch ..." -> "Data parallel"."""
+    lead = []
+    for line in text.splitlines():
+        if not line.startswith("#") or line.startswith("#  ") or not line.strip("# "):
+            break
+        lead.append(line.strip("# "))
+        if line.endswith((".", ":")):
+            break
+    return " ".join(lead).split(": ")[0].removesuffix(":").removesuffix(".")
+
+
+def find_shipped(root: Path, name: str) -> Path:
+    """A shipped recipe file or folder by relative name (``.yaml`` and a leading ``recipes/``
+    may be left out); unknown names are refused with the close ones."""
+    name = name.removeprefix("recipes/").rstrip("/")
+    for candidate in (name, f"{name}.yaml"):
+        path = (root / candidate).resolve()
+        if name and path.is_relative_to(root) and (path.is_dir() or path.suffix == ".yaml") and path.exists():
+            return path
+    names = [p.relative_to(root).as_posix() for p in sorted(root.rglob("*")) if p.is_dir() or p.suffix == ".yaml"]
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f"; close names: {', '.join(close)}" if close else ""
+    raise RecipeError(f"recipe {name!r}: no such shipped recipe or folder{hint} (`rlhf recipes` lists them)")
+
+
+def copy_shipped(root: Path, name: str, dest: Path) -> Path:
+    """Copy a shipped recipe (or a whole folder) to ``dest``, or into ``dest`` when it is an
+    existing folder; never over an existing file or folder. Returns the copy."""
+    source = find_shipped(root, name)
+    target = Path(dest) / source.name if Path(dest).is_dir() else Path(dest)
+    if target.exists() or target.is_symlink():
+        raise RecipeError(f"{target}: already exists; nothing was copied (choose another destination)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, target)
+    else:
+        with open(source, "rb") as src, open(target, "xb") as out:  # "x": never over a file made meanwhile
+            shutil.copyfileobj(src, out)
+    return target
+
+
+def missing_stage_recipes(path: Path) -> list[str]:
+    """The stage recipes a pipeline or round recipe names (relative to its own file) that are
+    not there."""
+    stages = read_yaml(path).get("stages")
+    named = [s["recipe"] for s in stages if isinstance(s, dict) and isinstance(s.get("recipe"), str)] \
+        if isinstance(stages, list) else []
+    return [r for r in named if not (path.parent / r).is_file()]

@@ -31,9 +31,14 @@ from contextlib import nullcontext
 import yaml
 from pydantic import Field
 
-from rlhf.artifacts import InputError, is_main_process, locked, now, read_manifest, write_json_atomic
+from rlhf.artifacts import (
+    InputError, is_main_process, locked, now, read_manifest, write_json_atomic, write_text_atomic,
+)
 from rlhf.config import RecipeError, StageConfig, Strict, Tracker, validate
-from rlhf.recipe import Pipeline, PipelineConfig, PipelineStage, apply_overrides, read_yaml, resolve_stages
+from rlhf.recipe import (
+    Pipeline, PipelineConfig, PipelineStage, apply_overrides, merge_overrides, read_yaml, resolve_stages,
+    split_overrides,
+)
 from rlhf.tracking import tracking_defaults
 
 BatchKind = Literal["helpfulness", "safety"]
@@ -128,35 +133,75 @@ def _store_batch(run: Path, files: dict[str, Path], format: str, counts: dict, h
 # Rounds
 
 
-def load_round_recipe(run: Path, recipe: Path | None) -> tuple[RoundConfig, Path]:
-    """The run's round recipe; a given ``recipe`` is copied in first (the stored one is kept
-    as ``round.yaml.<time>`` when it differs)."""
+_DIR_HEADER, _OVERRIDES_HEADER = "# recipes_dir: ", "# overrides: "
+
+
+@dataclass
+class RoundRecipe:
+    cfg: RoundConfig  # with the overrides of its own keys applied
+    recipes_dir: Path  # where the stage recipes it names are: the folder it came from
+    per_stage: dict[str, list[str]]  # the overrides of its stages, by stage name
+    text: str  # what the run's round.yaml holds: a header (recipes_dir, overrides), then the recipe
+
+
+def read_round_recipe(path: Path, overrides: list[str] = ()) -> RoundRecipe:
+    """A round recipe file with ``overrides`` on top of those it was stored with (a run's
+    round.yaml keeps them in its header; a key given again takes the new value)."""
+    path = Path(path)
+    data = read_yaml(path)
+    text = path.read_text(encoding="utf-8")
+    recipes_dir, stored = _header(path, text)
+    merged = merge_overrides(stored, list(overrides))
+    own, per_stage = split_overrides(data, merged)
+    cfg = validate(RoundConfig, apply_overrides(data, own), f"{path} (with overrides)" if merged else str(path))
+    header = f"{_DIR_HEADER}{recipes_dir.resolve()}\n" + (f"{_OVERRIDES_HEADER}{json.dumps(merged)}\n" if merged else "")
+    old_header = "".join(line for line in text.splitlines(keepends=True)[:2] if line.startswith((_DIR_HEADER, _OVERRIDES_HEADER)))
+    return RoundRecipe(cfg, recipes_dir, per_stage, header + text.removeprefix(old_header))
+
+
+def _header(path: Path, text: str) -> tuple[Path, list[str]]:
+    """The stage recipes' folder and the overrides of a stored round recipe, from its header
+    lines; a recipe without them: its own folder, no overrides."""
+    recipes_dir, overrides = path.parent, []
+    for number, line in enumerate(text.splitlines()[:2], 1):
+        if line.startswith(_DIR_HEADER):
+            recipes_dir = Path(line.removeprefix(_DIR_HEADER))
+        elif line.startswith(_OVERRIDES_HEADER):
+            try:
+                overrides = json.loads(line.removeprefix(_OVERRIDES_HEADER))
+            except ValueError:
+                overrides = None
+            if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+                raise RecipeError(f"{path}:{number}: damaged overrides line; expected a JSON list of KEY=VALUE")
+    return recipes_dir, overrides
+
+
+def load_round_recipe(run: Path, recipe: Path | None = None, overrides: list[str] = ()) -> RoundRecipe:
+    """The run's round recipe: a given ``recipe`` replaces the stored one and its overrides;
+    ``overrides`` go on top. Nothing is stored here (``store_round_recipe`` does, once the
+    round resolves)."""
     stored = Path(run) / ROUND_RECIPE
-    if recipe is not None:
-        text = Path(recipe).read_text() if Path(recipe).exists() else None
-        if text is None:
-            raise RecipeError(f"{recipe}: recipe file not found")
-        validate(RoundConfig, read_yaml(Path(recipe)), str(recipe))
-        if stored.exists() and stored.read_text() != text:
-            os.replace(stored, stored.with_name(f"{ROUND_RECIPE}.{now().replace(':', '')}"))
-        Path(run).mkdir(parents=True, exist_ok=True)
-        stored.write_text(f"# recipes_dir: {Path(recipe).resolve().parent}\n" + text)
-    if not stored.exists():
+    if recipe is None and not stored.exists():
         raise RecipeError(f"{run}: no round recipe yet; pass --recipe FILE the first time")
-    return validate(RoundConfig, read_yaml(stored), str(stored)), _recipes_dir(stored)
+    return read_round_recipe(stored if recipe is None else Path(recipe), overrides)
 
 
-def _recipes_dir(stored: Path) -> Path:
-    """Stage recipes named in a round recipe are relative to where the recipe came from."""
-    first = stored.read_text().splitlines()[0]
-    return Path(first.removeprefix("# recipes_dir: ")) if first.startswith("# recipes_dir: ") else stored.parent
+def store_round_recipe(run: Path, text: str) -> None:
+    """Write the run's round.yaml; one that differs is kept as ``round.yaml.<time>``."""
+    stored = Path(run) / ROUND_RECIPE
+    if stored.exists() and stored.read_text(encoding="utf-8") == text:
+        return
+    if stored.exists():
+        os.replace(stored, stored.with_name(f"{ROUND_RECIPE}.{now().replace(':', '')}"))
+    Path(run).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stored, text)
 
 
 def preview_round(path: Path, overrides: list[str] = ()) -> Pipeline:
     """A round recipe resolved as round 1 of a run ``RUN`` with one batch ``NNN`` (for
     ``rlhf show`` and recipe checks)."""
-    data = apply_overrides(read_yaml(path), list(overrides))
-    cfg: RoundConfig = validate(RoundConfig, data, str(path))
+    recipe = read_round_recipe(path, overrides)
+    cfg = recipe.cfg
     batch = {"id": "NNN", "dir": Path("RUN/batches/NNN"), "format": cfg.batch_format,
              "files": {kind: {"file": f"{kind}.jsonl"} for kind in ("helpfulness", "safety")}}
     kind = (read_manifest(cfg.initial_policy) or {}).get("stage", "sft")
@@ -170,7 +215,8 @@ def preview_round(path: Path, overrides: list[str] = ()) -> Pipeline:
             _add_batch_sources(stage_data, [batch], cfg.batches[name])
 
     entries = [e.model_copy(update={"inputs": {k: v for k, v in e.inputs.items() if v != "pool"}}) for e in cfg.stages]
-    stages = resolve_stages(entries, Path("RUN/rounds/NNN"), path, outputs=outside, edit=edit)
+    stages = resolve_stages(entries, Path("RUN/rounds/NNN"), recipe.recipes_dir / Path(path).name, recipe.per_stage,
+                            outputs=outside, edit=edit)
     pipeline = PipelineConfig(pipeline="round", output_dir=Path("RUN/rounds/NNN"), stages=cfg.stages)
     return Pipeline(config=pipeline, stages=stages)
 
@@ -223,13 +269,15 @@ class RoundPlan:
     batches: list[str]  # the batch ids this round trains on (fixed when the round starts)
     stages: list[tuple[str, StageConfig]]
     cfg: RoundConfig
+    recipe_text: str  # the run's round.yaml for this round (stored when the round starts)
 
 
-def plan_round(run: Path, recipe: Path | None = None) -> RoundPlan:
+def plan_round(run: Path, recipe: Path | None = None, overrides: list[str] = ()) -> RoundPlan:
     """The round to run next (an unfinished one, or a new one when a new batch arrived) and
     its resolved stages."""
     run = Path(run)
-    cfg, recipes_dir = load_round_recipe(run, recipe)
+    loaded = load_round_recipe(run, recipe, overrides)
+    cfg = loaded.cfg
     rounds, batches = list_rounds(run), list_batches(run)
     if rounds and rounds[-1].get("status") != "complete":
         current, previous = rounds[-1], (rounds[-2] if len(rounds) > 1 else None)
@@ -256,22 +304,27 @@ def plan_round(run: Path, recipe: Path | None = None) -> RoundPlan:
         e.model_copy(update={"inputs": {k: v for k, v in e.inputs.items() if v != "pool" or "pool" in outside}})
         for e in cfg.stages
     ]
-    stages = resolve_stages(entries, Path(current["dir"]), recipes_dir / ROUND_RECIPE, outputs=outside, edit=edit)
-    return RoundPlan(Path(current["dir"]), current["batches"], stages, cfg)
+    stages = resolve_stages(entries, Path(current["dir"]), loaded.recipes_dir / ROUND_RECIPE, loaded.per_stage,
+                            outputs=outside, edit=edit)
+    return RoundPlan(Path(current["dir"]), current["batches"], stages, cfg, loaded.text)
 
 
-def run_round(run: Path, recipe: Path | None = None) -> Path:
-    """Run (or finish) the next round; completed stages are skipped, a partial one resumes."""
+def run_round(run: Path, recipe: Path | None = None, overrides: list[str] = ()) -> Path:
+    """Run (or finish) the next round; completed stages are skipped, a partial one resumes.
+    ``overrides`` (``KEY=VALUE``: the round recipe's own keys, or ``STAGE.key=value``) are
+    stored with the run's recipe, so later rounds and resumes use them too; a stage whose
+    config they change runs again, like any changed config."""
     with locked(Path(run) / "rounds") if is_main_process() else nullcontext():  # one round run at a time
-        return _run_round(run, recipe)
+        return _run_round(run, recipe, overrides)
 
 
-def _run_round(run: Path, recipe: Path | None) -> Path:
+def _run_round(run: Path, recipe: Path | None, overrides: list[str]) -> Path:
     from rlhf.pipeline import PIPELINE_FILE, run_stage
 
-    plan = plan_round(run, recipe)
+    plan = plan_round(run, recipe, overrides)
     info_path = plan.dir / "round.json"
     if is_main_process():
+        store_round_recipe(run, plan.recipe_text)
         plan.dir.mkdir(parents=True, exist_ok=True)
         if not info_path.exists():
             write_json_atomic(info_path, {"batches": plan.batches, "status": "running", "started_at": now()})
@@ -296,7 +349,11 @@ def round_status(run: Path) -> str:
     run = Path(run)
     if not run.is_dir():
         raise InputError(f"{run}: no such run directory")
-    lines = [f"run {run}", "batches:"]
+    lines = [f"run {run}"]
+    if (run / ROUND_RECIPE).exists():
+        overrides = _header(run / ROUND_RECIPE, (run / ROUND_RECIPE).read_text(encoding="utf-8"))[1]
+        lines += [f"overrides (in {run / ROUND_RECIPE}): {' '.join(overrides)}"] if overrides else []
+    lines.append("batches:")
     for b in list_batches(run):
         files = ", ".join(f"{kind} {f['pairs']} pairs" for kind, f in b["files"].items())
         lines.append(f"  {b['id']}  added {b['added_at']}  {files}")

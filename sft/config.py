@@ -40,6 +40,8 @@ class SFTDataConfig(DataConfig, LengthLimit):
 
 
 class SFTTrainConfig(TrainConfig):
+    """Optimizer, schedule and batching of fine-tuning, with the Llama 2-Chat SFT defaults."""
+
     lr: float = Field(2e-5, gt=0)
     epochs: float = Field(2.0, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -72,7 +74,8 @@ class SFTConfig(StageConfig):
 
     stage: Literal["sft"] = "sft"
     output_dir: Path = Path("runs/sft")
-    model_from: Path
+    model_from: Path = Field(description="The model fine-tuned: a base_model or policy stage directory, "
+                             "or a Hugging Face checkpoint directory.")
     model: ModelConfig = ModelConfig()
     data: SFTDataConfig
     train: SFTTrainConfig = SFTTrainConfig()

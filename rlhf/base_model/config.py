@@ -13,16 +13,20 @@ from rlhf.config import StageConfig, Strict
 class TokenizerSpec(Strict):
     """A byte-level BPE tokenizer trained on the strings of ``corpus`` (JSONL or text files)."""
 
-    corpus: list[Path] = Field(min_length=1)
-    vocab_size: int = Field(1024, ge=300)
+    corpus: list[Path] = Field(min_length=1, description="JSONL or text files whose strings the "
+                               "tokenizer is trained on.")
+    vocab_size: int = Field(1024, ge=300, description="Vocabulary size of the trained tokenizer.")
 
 
 class ModelSpec(Strict):
     """A randomly initialised Llama: ``size`` is one of rlhf.models.SIZES (tiny, small, medium, 20m)."""
 
-    size: Literal["tiny", "small", "medium", "20m"] = "tiny"
-    max_positions: int = Field(512, gt=0)
-    tie_embeddings: bool = False
+    size: Literal["tiny", "small", "medium", "20m"] = Field(
+        "tiny", description="Hidden size, layers, heads: tiny 64/2/4, small 128/4/4, medium 256/6/8, "
+        "20m 512/6/8 (rlhf.models.SIZES).")
+    max_positions: int = Field(512, gt=0, description="max_position_embeddings: the longest sequence "
+                               "the model takes.")
+    tie_embeddings: bool = Field(False, description="Share the input embedding's weights with the output head.")
 
 
 class BaseModelConfig(StageConfig):
@@ -38,7 +42,8 @@ class BaseModelConfig(StageConfig):
 
     stage: Literal["base_model"] = "base_model"
     output_dir: Path = Path("runs/base_model")
-    from_pretrained: Path | None = None
+    from_pretrained: Path | None = Field(None, description="A local Hugging Face checkpoint directory "
+                                         "(model and tokenizer) copied in; instead of `tokenizer`.")
     tokenizer: TokenizerSpec | None = None
     model: ModelSpec = ModelSpec()
 

@@ -51,8 +51,12 @@ class TargetedPreprompt(Strict):
 
 
 class PrepromptConfig(Strict):
-    generic: str = Field("You are a safe and responsible assistant.", min_length=1)
-    targeted: TargetedPreprompt | None = None
+    """The safety preprompt answers are sampled with; the policy is fine-tuned on the prompt without it."""
+
+    generic: str = Field("You are a safe and responsible assistant.", min_length=1,
+                         description="The generic safety preprompt (Llama 2, Sec. 4.2.4).")
+    targeted: TargetedPreprompt | None = Field(None, description="Targeted preprompts by risk category "
+                                               "(Table 39); unset: every prompt gets the generic one.")
     place: Literal["system", "prefix"] = Field(
         "system", description="As the system message, or prefixed to the first user turn.")
 
@@ -64,7 +68,7 @@ class DistillEvalConfig(Strict):
 
     sources: list[SourceConfig] = Field([], description="Held-out prompts (their `is_safety` "
                                         "ones are used; default: the training safety prompts).")
-    max_prompts: int = Field(256, gt=0)
+    max_prompts: int = Field(256, gt=0, description="Safety prompts evaluated at most.")
     samples: int = Field(1, gt=0, description="Answers per prompt (each from its own random "
                          "stream; more give steadier numbers when `temperature` > 0).")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the evaluated "
@@ -79,7 +83,8 @@ class ContextDistillationConfig(StageConfig):
 
     stage: Literal["context_distillation"] = "context_distillation"
     output_dir: Path = Path("runs/context_distillation")
-    policy_from: Path
+    policy_from: Path = Field(description="The policy that answers with the preprompt and is fine-tuned "
+                              "on those answers without it.")
     safety_rm_from: Path = Field(description="The safety reward model that decides what is kept.")
     data: DistillDataConfig = Field(description="Prompts; only the `is_safety` ones are used.")
     preprompt: PrepromptConfig = PrepromptConfig()

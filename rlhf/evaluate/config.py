@@ -47,8 +47,10 @@ class EvaluateConfig(StageConfig):
                                       "each is compared with the baseline and with the one before it")
     baseline_from: Path | None = Field(None, description="Win rates and KL are against this policy "
                                        "(default: the first of `policies`)")
-    helpfulness_rm_from: Path
-    safety_rm_from: Path
+    helpfulness_rm_from: Path = Field(description="The helpfulness reward model (a reward_model stage) "
+                                      "that scores the answers (R_h).")
+    safety_rm_from: Path = Field(description="The safety reward model (a reward_model stage) that scores "
+                                 "the answers (R_s).")
     prompts: PromptDataConfig = Field(description="Held-out prompts (kind: prompts)")
     max_prompts: int | None = Field(None, gt=0, description="Evaluate only the first N prompts")
     sampling: EvaluateSampling = EvaluateSampling()

@@ -62,7 +62,7 @@ class Constraint(Strict):
 class InstructionsConfig(Strict):
     """Where the system instructions are drawn from (Llama 2, App. A.3.5)."""
 
-    constraints: list[Constraint] = Field(min_length=1)
+    constraints: list[Constraint] = Field(min_length=1, description="The kinds of instruction drawn from.")
     combine: float = Field(0.0, ge=0, le=1, description="Share of instructions that combine "
                            "several constraints of different kinds.")
     max_combined: int = Field(2, ge=2, description="At most this many constraints combined.")
@@ -97,8 +97,8 @@ class GAttEvalConfig(Strict):
 
     sources: list[SourceConfig] = Field([], description="Held-out prompts (default: prompts held "
                                         "out from `data` before the training dialogues are built).")
-    dialogues: int = Field(32, gt=0)
-    turns: int = Field(6, ge=1)
+    dialogues: int = Field(32, gt=0, description="Held-out dialogues evaluated.")
+    turns: int = Field(6, ge=1, description="User turns per evaluated dialogue: the depths reported.")
     temperature: float = Field(0.0, ge=0, description="Sampling temperature of the evaluated "
                                "answers (0 = greedy); the other sampling settings are `sampling`'s.")
 

@@ -50,12 +50,18 @@ class PPOTrainConfig(TrainConfig):
 
     lr: float = Field(1e-6, gt=0)
     schedule: Literal["cosine", "constant", "linear"] = "constant"
-    epochs: float = Field(1.0, gt=0)
-    batch_size: int = Field(64, gt=0)
-    micro_batch_size: int = Field(8, gt=0)
+    epochs: float = Field(1.0, gt=0, description="PPO epochs: passes over each iteration's rollouts "
+                          "(a whole number).")
+    max_steps: int | None = Field(None, gt=0, description="Not used by PPO (it runs ppo.iterations); "
+                                  "leave unset.")
+    batch_size: int = Field(64, gt=0, description="PPO mini-batch: rollouts per optimizer step, over all "
+                            "processes; it must divide ppo.prompts_per_iteration.")
+    micro_batch_size: int = Field(8, gt=0, description="Rollouts per forward on each process; gradient "
+                                  "accumulation makes up the rest of batch_size.")
     weight_decay: float = Field(0.1, ge=0.0)
     eps: float = Field(1e-5, gt=0)
-    save_every: int = Field(10, gt=0)
+    save_every: int = Field(10, gt=0, description="Checkpoint every N iterations (a killed run resumes "
+                            "from the newest).")
 
     @model_validator(mode="after")
     def _ppo_units(self) -> "PPOTrainConfig":
@@ -90,16 +96,23 @@ class PPOSampling(PromptSamplingConfig):
 
 
 class PPOSettings(Strict):
-    iterations: int = Field(200, gt=0, description="The paper ran 200-400, early-stopped.")
-    prompts_per_iteration: int = Field(512, gt=0)
+    """PPO itself: iterations, the KL penalty, GAE and the clipped objectives."""
+
+    iterations: int = Field(200, gt=0, description="PPO iterations (rollouts, then updates); the paper "
+                            "ran 200-400, early-stopped.")
+    prompts_per_iteration: int = Field(512, gt=0, description="Prompts rolled out per iteration (one "
+                                       "answer each), over all processes.")
     beta: float = Field(0.01, ge=0, description="KL penalty: 0.01 (7B/13B), 0.005 (34B/70B).")
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    clip: float = Field(0.2, gt=0)
-    value_clip: float = Field(0.2, gt=0)
+    kl_estimator: Literal["k1", "k3"] = Field(
+        "k1", description="Per-token estimate of KL(pi || pi_0): k1 = log pi - log pi_0 (unbiased, can be "
+        "negative); k3 = (r - 1) - log r with r = pi_0 / pi (never negative, lower variance).")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount of the GAE returns.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda: bias (0) vs variance (1) of the advantages.")
+    clip: float = Field(0.2, gt=0, description="Clip range of the policy ratio: 1 - clip to 1 + clip.")
+    value_clip: float = Field(0.2, gt=0, description="Clip range of the new values around the rollout's values.")
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus (entropy is logged either way).")
-    whiten_advantages: bool = True
+    whiten_advantages: bool = Field(True, description="Whiten the advantages over each iteration's "
+                                    "rollouts (all processes).")
     max_kl: float | None = Field(
         None, gt=0, description="Stop when the mean KL per response (nats, summed over its tokens) "
         "exceeds this; the last good checkpoint is kept.")
@@ -115,10 +128,13 @@ class EarlyStopConfig(Strict):
     ``every`` iterations; stop after ``patience`` evaluations without improvement. The stage
     outputs the best evaluated policy (the starting one if PPO never beat it)."""
 
-    data: DataConfig | None = None
-    every: int = Field(10, gt=0)
-    patience: int | None = Field(None, gt=0)
-    max_prompts: int = Field(256, gt=0)
+    data: DataConfig | None = Field(None, description="Held-out prompts (kind `prompts`); unset: no "
+                                    "held-out evaluations, the last policy is the output.")
+    every: int = Field(10, gt=0, description="Evaluate every N iterations (and after the last).")
+    patience: int | None = Field(None, gt=0, description="Stop after this many evaluations in a row "
+                                 "without a new best; null: never stop early (the best "
+                                 "evaluated policy is still the output).")
+    max_prompts: int = Field(256, gt=0, description="Held-out prompts evaluated at most.")
     metric: Literal["reward", "judge"] = Field(
         "reward", description="What early stopping (and the policy kept) goes by on the held-out prompts: the "
         "proxy reward R_c, or the independent judge's mean score (needs `judge`).")
@@ -141,10 +157,14 @@ class PPOConfig(StageConfig):
 
     stage: Literal["ppo"] = "ppo"
     output_dir: Path = Path("runs/ppo")
-    policy_from: Path
-    helpfulness_rm_from: Path
-    safety_rm_from: Path
-    critic_from: Path | None = Field(None, description="Default: the helpfulness reward model.")
+    policy_from: Path = Field(description="The policy PPO starts from and trains; as it was before PPO, "
+                              "it is the KL reference pi_0.")
+    helpfulness_rm_from: Path = Field(description="The helpfulness reward model (a reward_model stage) "
+                                      "that scores the rollouts (R_h).")
+    safety_rm_from: Path = Field(description="The safety reward model (a reward_model stage) that scores "
+                                 "the rollouts (R_s).")
+    critic_from: Path | None = Field(None, description="Where the critic starts: a reward_model or ppo "
+                                     "stage (default: the helpfulness reward model).")
     policy: ModelConfig = ModelConfig()
     critic: CriticConfig = CriticConfig()
     data: PromptDataConfig

@@ -69,8 +69,10 @@ class RejectionSamplingConfig(StageConfig):
     stage: Literal["rejection_sampling"] = "rejection_sampling"
     output_dir: Path = Path("runs/rejection_sampling")
     policy_from: Path = Field(description="The policy that samples (and is fine-tuned unless `student_from`).")
-    helpfulness_rm_from: Path
-    safety_rm_from: Path
+    helpfulness_rm_from: Path = Field(description="The helpfulness reward model (a reward_model stage) "
+                                      "that scores the samples (R_h).")
+    safety_rm_from: Path = Field(description="The safety reward model (a reward_model stage) that scores "
+                                 "the samples (R_s).")
     pool_from: Path | None = Field(None, description="The previous rejection_sampling stage: its pool "
                                    "(best response so far per prompt) is carried over and competes.")
     student_from: Path | None = Field(None, description="Distillation: fine-tune this (smaller) model on "
