@@ -252,9 +252,36 @@ def _hub_hint(field: str, path: Path, kinds: tuple[str, ...]) -> str:
     if "hf" not in kinds or not is_hub_id(str(path)):
         return ""
     local = f"models/{path.name}"
-    return (f" as a local directory; as a Hugging Face hub model id it is not fetched (a run records "
-            f"its inputs' content, so models are local): download it where there is internet, e.g. "
-            f"`hf download {path} --local-dir {local}`, and set {field}: {local}")
+    return (f" as a local directory; as a Hugging Face hub model id it is not fetched here (hub ids are "
+            f"taken where a run starts from a model: base_model's from_pretrained, sft's model_from): "
+            f"download it where there is internet, e.g. `hf download {path} --local-dir {local}`, and "
+            f"set {field}: {local}")
+
+
+def hub_model(field: str, name: str) -> dict[str, str]:
+    """The manifest record of a Hugging Face hub model id: the id and the commit its
+    ``config.json`` resolves to (fetched, or found in the local hub cache offline), which is
+    the ``_commit_hash`` transformers loads it at. An InputError saying how to use a local copy
+    when it cannot be had."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        config = Path(hf_hub_download(name, "config.json"))
+    except Exception as exc:  # offline, no network, unknown or gated repo, no config.json
+        first = next(iter(str(exc).splitlines()), "")
+        if isinstance(exc, LocalEntryNotFoundError):  # not in the cache, and the hub is off or out of reach
+            why = "could not be reached (" + ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else
+                                              "no connection") + ") and is not in the local hub cache"
+        elif isinstance(exc, (RepositoryNotFoundError, EntryNotFoundError)):
+            why = f"is no model repository with a config.json that can be read ({type(exc).__name__}: {first})"
+        else:
+            why = f"could not be fetched ({type(exc).__name__}: {first})"
+        local = f"models/{name.rsplit('/', 1)[-1]}"
+        raise InputError(f"{field}: {name}: no such local directory, and as a Hugging Face hub model id it {why}; "
+                         f"to use a local copy, download it where there is internet, `hf download {name} "
+                         f"--local-dir {local}`, and set {field}={local}") from None
+    return {"hub": name, "revision": config.parent.name, "fingerprint": config.parent.name}
 
 
 def model_dir(path: Path) -> Path:
@@ -264,8 +291,13 @@ def model_dir(path: Path) -> Path:
 
 
 def input_fingerprints(cfg: StageConfig) -> dict[str, dict[str, str]]:
+    from rlhf.data.formats import is_hub_id
+
     inputs = {}
     for key, (path, kinds) in cfg.input_paths().items():
+        if key in cfg.HUB_INPUTS and is_hub_id(str(path)):
+            inputs[key] = hub_model(key, str(path))
+            continue
         resolve_input(key, path, kinds)
         inputs[key] = {"path": str(path), "fingerprint": fingerprint(path)}
     return inputs

@@ -196,10 +196,14 @@ class StageConfig(Strict):
     ``INPUTS`` maps the dotted key path of each input field to the stage kinds it accepts.
     An empty tuple means a plain file or directory (a dataset, a Hugging Face checkpoint);
     otherwise the directory must hold a complete manifest of one of those kinds, except that
-    kinds listing ``"hf"`` also accept a plain Hugging Face checkpoint directory.
+    kinds listing ``"hf"`` also accept a plain Hugging Face checkpoint directory, and the keys
+    in ``HUB_INPUTS`` a hub model id, recorded by id and commit instead of content.
     """
 
     INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Keys of INPUTS that also take a Hugging Face hub model id (``org/name`` that is no local
+    # path): where a stage starts from a model, never where it reads another stage's output.
+    HUB_INPUTS: ClassVar[tuple[str, ...]] = ()
     # Old key path -> new key path: a recipe that still uses the old one gets an error naming the new.
     RENAMED: ClassVar[dict[str, str]] = {}
 

@@ -1,7 +1,7 @@
-"""Models and tokenizers: the one loader of policies (local Hugging Face checkpoints or stage
-directories), the one rule for the dtype and device of models that only run forwards, and a
-base model from nothing (a tokenizer trained in-process, a randomly initialised Llama of a
-named size).
+"""Models and tokenizers: the one loader of policies (local Hugging Face checkpoints, stage
+directories, or Hugging Face hub model ids), the one rule for the dtype and device of models
+that only run forwards, and a base model from nothing (a tokenizer trained in-process, a
+randomly initialised Llama of a named size).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 from rlhf.artifacts import InputError, model_dir
 from rlhf.data.chat import CHAT_MARKERS
+from rlhf.data.formats import is_hub_id
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 
@@ -27,45 +28,58 @@ SIZES: dict[str, tuple[int, int, int, int, int]] = {
 
 
 @contextmanager
-def _loading(source: Path, what: str):
-    """A damaged or incomplete model directory becomes an InputError naming it, not a traceback."""
+def _loading(source: str | Path, what: str):
+    """A damaged or incomplete model directory, or a hub model that cannot be had, becomes an
+    InputError naming it, not a traceback."""
     from safetensors import SafetensorError
 
     try:
         yield
     except (OSError, ValueError, EOFError, SafetensorError) as exc:  # what transformers raises for them
         first = next(iter(str(exc).splitlines()), "")
-        raise InputError(f"{source}: cannot load {what} ({type(exc).__name__}: {first}); expected a Hugging Face "
-                         "model directory (config.json, weights, tokenizer files) or a finished stage") from None
+        hint = (f"a Hugging Face hub model id: to use a local copy, download it where there is internet "
+                f"(`hf download {source} --local-dir DIR`) and give DIR" if is_hub_id(str(source)) else
+                "expected a Hugging Face model directory (config.json, weights, tokenizer files) or a finished stage")
+        raise InputError(f"{source}: cannot load {what} ({type(exc).__name__}: {first}); {hint}") from None
+
+
+def _pretrained(path: str | Path) -> tuple[str | Path, dict[str, Any]]:
+    """What ``from_pretrained`` is given for ``path``: a hub model id (``org/name``, no local
+    path) as it is, fetched or read from the hub cache; else the local directory, no hub access."""
+    return (str(path), {}) if is_hub_id(str(path)) else (Path(path), {"local_files_only": True})
 
 
 def load_tokenizer(path: str | Path):
-    """A tokenizer from a local directory, with a pad token (EOS when it has none)."""
+    """A tokenizer from a local directory (or a hub model id), with a pad token (EOS when it
+    has none)."""
     from transformers import AutoTokenizer
 
-    with _loading(Path(path), "its tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(Path(path), local_files_only=True)
+    source, hub = _pretrained(path)
+    with _loading(source, "its tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_policy(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+def load_policy(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str = torch.float32,
                 attn_implementation: str | None = None) -> tuple[Any, Any]:
-    """A causal LM (a policy stage directory's ``model/`` or a Hugging Face model directory,
-    never the hub) on ``device`` in ``dtype``, in eval mode, and its tokenizer."""
+    """A causal LM (a policy stage directory's ``model/``, a Hugging Face model directory, or a
+    hub model id) on ``device`` in ``dtype`` (``"auto"``: the checkpoint's), in eval mode, and
+    its tokenizer."""
     from transformers import AutoModelForCausalLM
 
     source = model_dir(Path(path))
-    if not source.is_dir():  # transformers would take the path for a hub repo id
+    if not source.is_dir() and not is_hub_id(str(path)):
         gone = f"; {path} is a finished stage whose model/ is gone: run that stage again" if source != Path(path) else ""
         raise InputError(f"{source}: no such directory{gone}")
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with _loading(source, "a causal LM"):
-        # from its absolute path: a LoRA adapter trained on it records that path as its base, so
-        # the adapter loads (AutoPeftModelForCausalLM) from any working directory
-        model = AutoModelForCausalLM.from_pretrained(source.resolve(), dtype=dtype, local_files_only=True, **kwargs)
-    return model.to(device).eval(), load_tokenizer(source)
+    # a local directory by its absolute path: a LoRA adapter trained on it records that path as
+    # its base, so the adapter loads (AutoPeftModelForCausalLM) from any working directory
+    name, hub = _pretrained(source.resolve() if source.is_dir() else path)
+    with _loading(name, "a causal LM"):
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **hub, **kwargs)
+    return model.to(device).eval(), load_tokenizer(name)
 
 
 def fit_max_length(data: Any, model: Any, stage: str, say: Callable[[str], None]) -> Any:

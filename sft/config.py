@@ -1,7 +1,7 @@
 """Recipe model of the SFT stage (torch-free, so recipes validate fast).
 
     stage: sft
-    model_from: runs/quickstart/base_model     # a base_model / sft / rejection_sampling stage or an HF dir
+    model_from: runs/quickstart/base_model     # a policy stage, an HF dir, or a hub id (org/name)
     data:
       sources: [{path: data/quickstart/sft.jsonl}]
       max_length: 4096
@@ -71,11 +71,12 @@ class SFTConfig(StageConfig):
     INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
         "model_from": POLICY_KINDS,
     }
+    HUB_INPUTS: ClassVar[tuple[str, ...]] = ("model_from",)
 
     stage: Literal["sft"] = "sft"
     output_dir: Path = Path("runs/sft")
     model_from: Path = Field(description="The model fine-tuned: a base_model or policy stage directory, "
-                             "or a Hugging Face checkpoint directory.")
+                             "a Hugging Face checkpoint directory, or a hub model id (`org/name`).")
     model: ModelConfig = ModelConfig()
     data: SFTDataConfig
     train: SFTTrainConfig = SFTTrainConfig()

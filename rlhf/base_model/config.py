@@ -30,8 +30,9 @@ class ModelSpec(Strict):
 
 
 class BaseModelConfig(StageConfig):
-    """The starting model: a local Hugging Face checkpoint copied in (``from_pretrained``), or a
-    tokenizer trained in-process plus a randomly initialised Llama (``tokenizer`` + ``model``).
+    """The starting model: a Hugging Face checkpoint (``from_pretrained``: a local directory
+    copied in, or a hub model id fetched), or a tokenizer trained in-process plus a randomly
+    initialised Llama (``tokenizer`` + ``model``).
 
         stage: base_model
         tokenizer: {corpus: [data/quickstart/sft.jsonl], vocab_size: 1024}
@@ -39,16 +40,19 @@ class BaseModelConfig(StageConfig):
     """
 
     INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {"from_pretrained": ("hf",), "tokenizer.corpus": ()}
+    HUB_INPUTS: ClassVar[tuple[str, ...]] = ("from_pretrained",)
 
     stage: Literal["base_model"] = "base_model"
     output_dir: Path = Path("runs/base_model")
     from_pretrained: Path | None = Field(None, description="A local Hugging Face checkpoint directory "
-                                         "(model and tokenizer) copied in; instead of `tokenizer`.")
+                                         "(model and tokenizer) copied in, or a hub model id (`org/name`, "
+                                         "e.g. `Qwen/Qwen2.5-0.5B`) fetched and saved; instead of `tokenizer`.")
     tokenizer: TokenizerSpec | None = None
     model: ModelSpec = ModelSpec()
 
     @model_validator(mode="after")
     def _one_source(self) -> "BaseModelConfig":
         if (self.from_pretrained is None) == (self.tokenizer is None):
-            raise ValueError("give either from_pretrained (a local checkpoint) or tokenizer (to build one)")
+            raise ValueError("give either from_pretrained (a checkpoint: a local directory or a hub model id) "
+                             "or tokenizer (to build one)")
         return self

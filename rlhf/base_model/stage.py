@@ -1,6 +1,7 @@
-"""The base_model stage: copy a local checkpoint, or build a tokenizer and a randomly initialised
-Llama from scratch. Either way it writes ``model/`` (weights + tokenizer), so the stages after it
-read one kind of directory whether the user brought a checkpoint or the quickstart made one.
+"""The base_model stage: copy a local checkpoint in, fetch one from the Hugging Face hub, or
+build a tokenizer and a randomly initialised Llama from scratch. Either way it writes ``model/``
+(weights + tokenizer), so the stages after it read one kind of directory whether the user brought
+a checkpoint or the quickstart made one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Iterable, Iterator
 from rlhf.artifacts import InputError, StageRun, resolve_input
 from rlhf.base_model.config import BaseModelConfig
 from rlhf.data.records import DataError, Problem
+from rlhf.data.formats import is_hub_id
 from rlhf.models import build_model, load_policy, train_tokenizer
 
 
@@ -49,19 +51,30 @@ def refuse_symlink_loops(root: Path) -> None:
                                  "(from_pretrained is copied, following links)")
 
 
+def copy_pretrained(source: Path, out: Path) -> tuple[Any, Any]:
+    """A local checkpoint copied to ``out`` as it is, or a hub model saved there in its own
+    dtype (only the files transformers loads, not the whole repository); its model and tokenizer."""
+    if out.exists():
+        shutil.rmtree(out)
+    if not is_hub_id(str(source)):
+        shutil.copytree(source, out)
+        return load_policy(out)
+    model, tokenizer = load_policy(source, dtype="auto")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model, tokenizer
+
+
 def run(cfg: BaseModelConfig) -> Path:
-    """The base_model stage: copy a local checkpoint, or build tokenizer + model from scratch."""
+    """The base_model stage: copy a checkpoint in, or build tokenizer + model from scratch."""
     paths = cfg.tokenizer.corpus if cfg.tokenizer else []
     corpus = read_corpus(resolve_input(f"tokenizer.corpus.{i}", p, ()) for i, p in enumerate(paths))
-    if cfg.from_pretrained is not None:
+    if cfg.from_pretrained is not None and not is_hub_id(str(cfg.from_pretrained)):
         refuse_symlink_loops(cfg.from_pretrained)
     run = StageRun(cfg).start()
     out = run.dir / "model"
     if cfg.from_pretrained is not None:
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.copytree(cfg.from_pretrained, out)
-        model, tokenizer = load_policy(out)
+        model, tokenizer = copy_pretrained(cfg.from_pretrained, out)
     else:
         tokenizer = train_tokenizer(corpus, cfg.tokenizer.vocab_size)
         model = build_model(
