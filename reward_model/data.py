@@ -8,8 +8,9 @@ so both sides are scored in one forward and short sequences fill rows instead of
 
 from __future__ import annotations
 
-import random
-from collections import defaultdict
+import hashlib
+import json
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -68,16 +69,40 @@ def rm_loss(model: torch.nn.Module, batch: RMBatch) -> tuple[torch.Tensor, dict[
 # Records: held-out split and mixture
 
 
+def prompt_rank(pair: PreferencePair, seed: int) -> str:
+    """Where a pair's prompt falls in the seeded order the held-out split takes prompts in: a
+    hash of (seed, prompt conversation), so the same prompt ranks the same in every source."""
+    text = json.dumps([seed, [[m.role, m.content] for m in pair.prompt]], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def split_held_out(pools: dict[str, list], fraction: float, seed: int) -> tuple[dict[str, list], dict[str, list]]:
-    """(training pools, held-out pairs) by source: ``round(fraction * n)`` pairs of every source
-    held out, drawn uniformly with a generator seeded by (seed, source name)."""
+    """(training pools, held-out pairs) by source, split by prompt so that no prompt is both
+    trained on and held out (PKU-SafeRLHF has up to a dozen pairs per prompt): each source
+    holds out its first prompts in ``prompt_rank`` order until ``round(fraction * n)`` of its
+    pairs are (exactly that many when its prompts are distinct), and a prompt held out in one
+    source is held out in every source."""
+    ranks = {name: [prompt_rank(pair, seed) for pair in rows] for name, rows in pools.items()}
+    held = set().union(*(_held_prompts(r, fraction) for r in ranks.values()))
     train, held_out = {}, {}
     for name, rows in pools.items():
-        picked = set(random.Random(f"{seed}:eval:{name}").sample(range(len(rows)), round(fraction * len(rows))))
-        train[name] = [r for i, r in enumerate(rows) if i not in picked]
-        if picked:
-            held_out[name] = [rows[i] for i in sorted(picked)]
+        train[name] = [pair for pair, rank in zip(rows, ranks[name]) if rank not in held]
+        if len(train[name]) < len(rows):
+            held_out[name] = [pair for pair, rank in zip(rows, ranks[name]) if rank in held]
     return train, held_out
+
+
+def _held_prompts(ranks: list[str], fraction: float) -> set[str]:
+    """The prompts (by rank) one source holds out: the first ones until ``round(fraction * n)``
+    of its pairs are, never every one (something is left to train on)."""
+    pairs = Counter(ranks)
+    held, count = set(), 0
+    for rank in sorted(pairs)[:-1]:
+        if count >= round(fraction * len(ranks)):
+            break
+        held.add(rank)
+        count += pairs[rank]
+    return held
 
 
 def source_pools(cfg: DataConfig, seed: int) -> tuple[LoadedData, dict[str, list[PreferencePair]]]:

@@ -22,8 +22,8 @@ def world(tmp_path_factory) -> Path:
     tiny.save_with_tokenizer(root / "base", tiny.tiny_llama(len(WORDS), max_positions=64), tiny.word_tokenizer(WORDS))
     sft = [{"prompt": "tell me a story" if i % 2 else "hi", "response": "a good story" if i % 2 else "ok"} for i in range(8)]
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
-    pairs = [{"prompt": "tell me a story", "chosen": "a good nice story", "rejected": "a bad ugly story",
-              "rating": RATINGS[i % 4]} for i in range(32)]
+    pairs = [{"prompt": f"tell me a story {i}", "chosen": "a good nice story", "rejected": "a bad ugly story",
+              "rating": RATINGS[i % 4]} for i in range(32)]  # 32 prompts: the held-out split goes by prompt
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
     return root
 

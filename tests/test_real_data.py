@@ -7,7 +7,7 @@ import pytest
 
 from tiny import hh_rows
 
-from rlhf.data import DataConfig, DataError, Message, SourceConfig, load_data, load_source
+from rlhf.data import DataConfig, DataError, Message, PreferencePair, SourceConfig, load_data, load_source
 
 HH_PAIRS = [
     (["hi", "hello!", "what is 2 + 3?"], "5", "6"),
@@ -101,7 +101,7 @@ def test_reward_model_stage_checks_max_length(tmp_path):
     save_with_tokenizer(tmp_path / "base", tiny_llama(len(HH_WORDS), max_positions=64), word_tokenizer(HH_WORDS))
     cfg = RewardModelConfig(output_dir=tmp_path / "rm", model_from=tmp_path / "base",
                             data={"sources": [{"path": hh_rows(tmp_path / "hh.jsonl", HH_PAIRS)}]})
-    with pytest.raises(InputError, match="reward_model: data.max_length 4096 exceeds"):
+    with pytest.raises(InputError, match=": data.max_length 4096 exceeds the model.s max_position_embeddings 64"):
         run(cfg)
 
 
@@ -295,3 +295,37 @@ def test_real_pku_saferlhf_with_nested_columns_and_constant_labels(realdata):
     loaded = load_source(src, "preference")
     assert loaded.rows == 5135 and {(p.chosen_safe, p.rejected_safe) for p in loaded.records} == {(True, False)}
     assert len(loaded.records) == 5135 and len({p.prompt[0].content for p in loaded.records}) == 930
+
+
+# eval_fraction holds out by prompt: PKU-SafeRLHF has many pairs per prompt, a split by row
+# would put a prompt's pairs on both sides
+
+def sides(train: dict, held: dict) -> tuple[set, set]:
+    """The prompts trained on and the prompts held out, over every source."""
+    return tuple({p.prompt[0].content for rows in pools.values() for p in rows} for pools in (train, held))
+
+
+def test_held_out_split_keeps_each_prompt_on_one_side():
+    from reward_model.data import split_held_out
+
+    # 300 pairs over 100 prompts (1 to 5 pairs each); prompts 0-19 also in a second source
+    pairs = [PreferencePair([Message("user", f"q{i}")], f"a{i}.{j}", f"b{i}.{j}") for i in range(100) for j in range(i % 5 + 1)]
+    pools = {"main": pairs, "other": [p for p in pairs if int(p.prompt[0].content[1:]) < 20]}
+    train, held = split_held_out(pools, 0.2, seed=0)
+    trained, held_prompts = sides(train, held)
+    assert not trained & held_prompts and trained | held_prompts == {f"q{i}" for i in range(100)}
+    assert 0.18 <= len(held["main"]) / len(pairs) <= 0.22  # round(0.2 * 300) = 60, then up to one prompt more
+    assert split_held_out(pools, 0.2, seed=0) == (train, held)
+    assert sides(*split_held_out(pools, 0.2, seed=1))[1] != held_prompts
+
+
+def test_real_pku_saferlhf_held_out_by_prompt(realdata):
+    from reward_model.data import split_held_out
+
+    src = SourceConfig(path=realdata / "pku-saferlhf/pku_seferlhf_realign_dpo_5k.json.gz",
+                       columns={"chosen": "response.0", "rejected": "response.1"})
+    pairs = load_source(src, "preference").records
+    train, held = split_held_out({"pku": pairs}, 0.2, seed=0)
+    trained, held_prompts = sides(train, held)
+    assert not trained & held_prompts and len(trained | held_prompts) == 930
+    assert abs(len(held["pku"]) - round(0.2 * 5135)) <= 12  # at most one prompt's pairs over

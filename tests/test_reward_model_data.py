@@ -23,7 +23,7 @@ def tokenizer():
 
 def write_pairs(path, n, rating="better"):
     # rows carry their own source label; mixtures and held-out sets go by the configured name
-    rows = [{"prompt": f"question {i}", "chosen": f"good {i}", "rejected": f"bad {i}", "rating": rating,
+    rows = [{"prompt": f"{path.stem} question {i}", "chosen": f"good {i}", "rejected": f"bad {i}", "rating": rating,
              "source": "row label"} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"name": path.stem, "path": str(path)}
@@ -62,7 +62,7 @@ def test_safety_mixture_90_10_counts_are_exact(tmp_path):
 
 
 def test_held_out_split_is_per_source_and_seeded():
-    pools = {s: [PreferencePair([Message("user", "q")], f"a{i}", f"b{i}") for i in range(10)] for s in "xy"}
+    pools = {s: [PreferencePair([Message("user", f"{s} q{i}")], f"a{i}", f"b{i}") for i in range(10)] for s in "xy"}
     train, held = split_held_out(pools, 0.3, seed=1)
     assert {k: len(v) for k, v in train.items()} == {"x": 7, "y": 7}
     assert {k: len(v) for k, v in held.items()} == {"x": 3, "y": 3}

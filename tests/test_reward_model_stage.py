@@ -36,9 +36,10 @@ def lm_dir(tmp_path_factory) -> Path:
 
 
 def write_pairs(path: Path, n: int = 24) -> Path:
-    """Chosen answers say good/nice, rejected ones bad/ugly; the strength rating cycles."""
+    """Chosen answers say good/nice, rejected ones bad/ugly; the strength rating cycles; every
+    pair has a prompt of its own (the held-out split goes by prompt)."""
     ratings = ["significantly_better", "better", "slightly_better", "negligibly_better"]
-    rows = [{"prompt": "tell me a story" if i % 2 else "hi", "chosen": f"a {'good nice' * (1 + i % 3)} story",
+    rows = [{"prompt": f"{'tell me a story' if i % 2 else 'hi'} {i}", "chosen": f"a {'good nice' * (1 + i % 3)} story",
              "rejected": f"a {'bad ugly' * (1 + i % 2)} story", "rating": ratings[i % 4],
              "chosen_safe": True, "rejected_safe": i % 3 != 0, "source": "row label"} for i in range(n)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
