@@ -21,7 +21,7 @@ _EPILOG = """examples:
   rlhf recipes copy quickstart/sft.yaml my_sft.yaml
   rlhf status runs/quickstart
   torchrun --nproc_per_node 2 -m rlhf run recipes/quickstart/sft.yaml
-  accelerate launch --config_file recipes/accelerate/fsdp.yaml -m rlhf run RECIPE
+  accelerate launch --config_file recipes/accelerate/fsdp.yaml --num_processes 8 -m rlhf run RECIPE
 """
 
 
