@@ -30,20 +30,20 @@ def run(cfg: RewardModelConfig) -> Path:
     source = model_dir(cfg.model_from)
     tokenizer = load_tokenizer(source)
     hf = init_reward_model(source, classifier_pad_id(tokenizer), cfg.seed, attn_implementation=cfg.model.attn_implementation)
-    cfg = cfg.model_copy(update={"data": fit_max_length(cfg.data, hf, cfg.stage, accelerator.print)})
+    cfg = cfg.model_copy(update={"data": fit_max_length(cfg.data, hf, run.name, accelerator.print)})
     hf = prepare_model(hf, cfg.model, task_type="SEQ_CLS", modules_to_save=["score"])
     model = RewardModel(hf, tokenizer, cfg.data.template, cfg.data.max_length)
     # 2. data: held-out pairs of each source set aside, the rest mixed, tokenized once
     data, tests = load_pairs(cfg.data, cfg.seed)
-    warn_chat_format(accelerator.print, cfg.stage, tokenizer, cfg.data.template, data.records, cfg)
+    warn_chat_format(accelerator.print, run.name, tokenizer, cfg.data.template, data.records, cfg)
     items, counts = build_pairs(data.records, tokenizer, cfg.data, cfg.loss)
     drawn = data.parts or {name: c["used"] for name, c in data.sources.items()}
     accelerator.print(
-        f"[rlhf] reward_model: {counts['pairs']} training pairs ({', '.join(f'{k} {v}' for k, v in drawn.items())}; "
+        f"[rlhf] {run.name}: {counts['pairs']} training pairs ({', '.join(f'{k} {v}' for k, v in drawn.items())}; "
         f"truncated {counts['truncated']}, dropped {counts['dropped_overlong']})"
     )
     # 3. train, then save the model in Hugging Face format
-    metrics = train_loop(run, model, items, collate, rm_loss, cfg.train, cfg.seed, accelerator, desc="reward_model")
+    metrics = train_loop(run, model, items, collate, rm_loss, cfg.train, cfg.seed, accelerator, desc=run.name)
     save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora, cfg.data.template)
     # 4. evaluate the saved model on held-out and test pairs
     results = evaluate(cfg, run.dir, tests, accelerator.device) if accelerator.is_main_process and tests else {}

@@ -431,6 +431,22 @@ def _contents(inputs: dict[str, dict[str, str]]) -> dict[str, str]:
     return {key: value["fingerprint"] for key, value in inputs.items()}
 
 
+def changed_since(stage_dir: Path, config_hash: str, inputs: dict[str, dict[str, str]]) -> list[str]:
+    """What differs between the run started in ``stage_dir`` (its ``config.yaml`` and
+    ``inputs.json``) and a run of ``config_hash`` on ``inputs``: ``"config"``, ``"inputs"``, both,
+    or nothing (the same run: an interrupted one resumes)."""
+    stage_dir = Path(stage_dir)
+    try:
+        same_config = (stage_dir / "config.yaml").read_text().startswith(f"# config_hash: {config_hash}\n")
+    except OSError:
+        same_config = False
+    try:
+        same_inputs = _contents(json.loads((stage_dir / "inputs.json").read_text())) == _contents(inputs)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        same_inputs = False
+    return [what for what, same in (("config", same_config), ("inputs", same_inputs)) if not same]
+
+
 class StageRun:
     """The life of one stage directory: ``start`` it, ``log`` metrics, ``finish`` it.
 
@@ -445,6 +461,11 @@ class StageRun:
         self.inputs = input_fingerprints(cfg)
         self.started_at = now()
         self.main = is_main_process()
+
+    @property
+    def name(self) -> str:
+        """What the terminal calls this run: its directory's name (a pipeline's stage name)."""
+        return self.dir.name
 
     @property
     def checkpoints(self) -> Path:
@@ -469,13 +490,7 @@ class StageRun:
         """Move an earlier run of another config or inputs aside; True when it did."""
         if all(p.name == LOCK or is_temp(p.name) for p in self.dir.iterdir()):
             return False
-        same_config = (self.dir / "config.yaml").exists() and (self.dir / "config.yaml").read_text(
-        ).startswith(f"# config_hash: {self.cfg.config_hash()}\n")
-        try:
-            same_inputs = _contents(json.loads((self.dir / "inputs.json").read_text())) == _contents(self.inputs)
-        except (OSError, ValueError, TypeError, KeyError):
-            same_inputs = False
-        if same_config and same_inputs and read_manifest(self.dir) is None:
+        if not changed_since(self.dir, self.cfg.config_hash(), self.inputs) and read_manifest(self.dir) is None:
             return False  # an interrupted run of this very config: resume from its checkpoints
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = self.dir.with_name(f"{self.dir.name}.superseded-{stamp}")

@@ -14,10 +14,13 @@ from typing import Any
 import yaml
 
 from rlhf.artifacts import (
-    is_main_process, is_up_to_date, read_manifest, release_lock, remove_trash, stage_state, wait_for_everyone,
+    changed_since, input_fingerprints, is_main_process, is_up_to_date, read_manifest, release_lock, remove_trash,
+    stage_state, wait_for_everyone,
 )
 from rlhf.config import StageConfig
+from rlhf.progress import quiet_libraries
 from rlhf.recipe import Pipeline
+from rlhf.report import stage_summary, write_report
 
 PIPELINE_FILE = "pipeline.yaml"
 
@@ -25,22 +28,40 @@ PIPELINE_FILE = "pipeline.yaml"
 def run_stage(cfg: StageConfig, name: str | None = None) -> Path:
     from rlhf.stages import stage_function
 
-    label = name or cfg.stage
+    label = name or Path(cfg.output_dir).name
     if is_up_to_date(cfg):
         if is_main_process():
             remove_trash(cfg.output_dir)  # checkpoints a kill left half deleted after the manifest
             print(f"[rlhf] {label}: complete, inputs and config unchanged; skipped")
         return Path(cfg.output_dir)
     if is_main_process():
-        state = stage_state(cfg.output_dir)
-        verb = "resuming" if state == "interrupted" else "running"
-        print(f"[rlhf] {label}: {verb} stage '{cfg.stage}' -> {cfg.output_dir}")
+        print(f"[rlhf] {label}: {start_line(cfg)}")
+    quiet_libraries()
     try:
         out = stage_function(cfg.stage)(cfg)
     finally:
         release_lock(cfg.output_dir)
     wait_for_everyone()  # every process between stages
+    if is_main_process():
+        for line in stage_summary(Path(out), cfg.stage):
+            print(f"[rlhf] {label}: {line}")
     return out
+
+
+def start_line(cfg: StageConfig) -> str:
+    """How a stage that is not up to date starts. Only an interrupted run of this very config and
+    inputs resumes; any other earlier run is set aside and the stage starts over."""
+    where = f"stage '{cfg.stage}' -> {cfg.output_dir}"
+    state = stage_state(cfg.output_dir)
+    if state not in ("interrupted", "complete"):
+        return f"running {where}"
+    changed = changed_since(cfg.output_dir, cfg.config_hash(), input_fingerprints(cfg))
+    what = " and ".join(changed)
+    if state == "complete":
+        return f"running {where} again" + (f" (its {what} changed since the finished run)" if changed else "")
+    if changed:
+        return f"starting over (its {what} changed since the interrupted run): running {where}"
+    return f"resuming {where}"
 
 
 def run_pipeline(pipeline: Pipeline) -> Path:
@@ -58,8 +79,6 @@ def run_pipeline(pipeline: Pipeline) -> Path:
     for name, cfg in pipeline.stages:
         run_stage(cfg, name)
     if pipeline.config.report and is_main_process():
-        from rlhf.report import write_report
-
         write_report(out)
     return out
 

@@ -44,3 +44,12 @@ class Progress:
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def quiet_libraries() -> None:
+    """Turn off transformers' own progress bars ("Loading weights", "Writing model shards": one
+    per model loaded or saved, dozens in a pipeline) that drown the toolkit's lines; its warnings
+    and the toolkit's own bars (``Progress``) stay."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

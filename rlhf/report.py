@@ -5,12 +5,15 @@ It only reads what the stages wrote: reward models' ``eval/summary.json`` (accur
 bias), the evaluate stage's ``eval/summary.json`` (policies' rewards, win rates, response
 lengths, KL, gold and judge scores), rejection sampling's ``report/summary.json`` (best of k,
 the judge's score of the chosen sample) and PPO's ``metrics.jsonl`` (health per iteration,
-proxy reward and judge score against KL, over-optimisation warnings).
+proxy reward and judge score against KL, over-optimisation warnings) and manifest (the iteration
+whose policy it kept). ``stage_summary`` gives the runner each stage's closing lines from the
+same readers.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -51,22 +54,57 @@ def _stages(round_dir: Path) -> list[tuple[str, Path, str]]:
 
 
 def ppo_summary(stage_dir: Path) -> dict[str, Any]:
-    """Per iteration (``iterations``): the PPO_HEALTH and PPO_CURVES metrics logged; and the
-    iterations at which the stage warned of over-optimisation (``judge_diverging``)."""
+    """Per iteration (``iterations``): the PPO_HEALTH and PPO_CURVES metrics logged; the
+    iterations at which the stage warned of over-optimisation (``diverging_at``); and the
+    iteration whose policy it saved (``kept``, see ``kept_iteration``)."""
     path = stage_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     keys = ("step", *PPO_HEALTH, *PPO_CURVES)
     return {"iterations": [{k: r[k] for k in keys if k in r} for r in rows],
-            "diverging_at": [r["step"] for r in rows if r.get("judge_diverging")]}
+            "diverging_at": [r["step"] for r in rows if r.get("judge_diverging")],
+            "kept": kept_iteration(read_manifest(stage_dir) or {}, rows)}
+
+
+def kept_iteration(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Which PPO iteration's policy is the stage's ``model/``: the best held-out evaluation
+    (the manifest's ``best_iteration``; 0 is the start policy) or, with nothing held out, the
+    last iteration. ``iteration``, ``of`` (the last iteration run), ``by`` (``reward``,
+    ``judge`` or ``last``), and the held-out ``eval_reward`` / ``eval_judge`` of the kept and
+    (``last``) of the last iteration."""
+    steps = [r["step"] for r in rows]
+    if not steps:
+        return None
+    chosen = manifest.get("best_iteration")
+    by = manifest.get("early_stop_metric", "reward") if chosen is not None else "last"
+    iteration = max(steps) if chosen is None else chosen
+    kept = _held_out(rows, iteration)
+    if by != "last" and kept[f"eval_{by}"] is None:  # not logged (train.log_every); the manifest has it
+        kept[f"eval_{by}"] = manifest.get("best_eval_reward")
+    return {"iteration": iteration, "of": max(steps), "by": by, **kept, "last": _held_out(rows, max(steps))}
+
+
+def _held_out(rows: list[dict[str, Any]], step: int) -> dict[str, Any]:
+    row = next((r for r in rows if r["step"] == step), {})
+    return {key: row.get(key) for key in ("eval_reward", "eval_judge")}
 
 
 def rs_summary(stage_dir: Path) -> dict[str, Any]:
     """Per prompt category: the reward R_c of one sample and the best of K (max, median), and the
     judge's score of one sample and of the one the reward models chose among K."""
     report = _read_json(stage_dir / "report" / "summary.json") or {}
-    return {name: {"prompts": c["prompts"], "reward_1": c["max"][0], "max_K": c["max"][-1], "median_K": c["median"][-1],
-                   "judge_1": c.get("judge_mean"), "judge_chosen_K": (c.get("judge_of_chosen") or [None])[-1]}
+    return {name: {"prompts": c["prompts"], "K": len(c["max"]), "reward_1": c["max"][0], "max_K": c["max"][-1],
+                   "median_K": c["median"][-1], "judge_1": c.get("judge_mean"),
+                   "judge_chosen_K": (c.get("judge_of_chosen") or [None])[-1]}
             for name, c in report.get("best_of_k", {}).items()}
+
+
+def rm_summary(stage_dir: Path) -> dict[str, Any] | None:
+    """A reward model's held-out accuracy, overall and per rating, and its length bias."""
+    evaluation = _read_json(stage_dir / "eval" / "summary.json")
+    if not evaluation:
+        return None
+    return {"accuracy": evaluation.get("accuracy"), "per_rating": evaluation.get("per_rating", {}),
+            "pairs": evaluation.get("pairs"), "length_bias": evaluation.get("length_bias", {})}
 
 
 def round_summary(label: str, round_dir: Path, batches: list[str]) -> dict[str, Any]:
@@ -77,19 +115,13 @@ def round_summary(label: str, round_dir: Path, batches: list[str]) -> dict[str, 
         summary["stages"][name] = {"stage": kind, "state": stage_state(stage_dir), "metrics": manifest.get("metrics", {})}
         if summary["stages"][name]["state"] != "complete":
             continue
-        evaluation = _read_json(stage_dir / "eval" / "summary.json")
-        if kind == "reward_model" and evaluation:
-            summary["reward_models"][name] = {
-                "accuracy": evaluation.get("accuracy"),
-                "per_rating": evaluation.get("per_rating", {}),
-                "pairs": evaluation.get("pairs"),
-                "length_bias": evaluation.get("length_bias", {}),
-            }
+        if kind == "reward_model" and (rm := rm_summary(stage_dir)):
+            summary["reward_models"][name] = rm
         elif kind == "ppo":
             summary["ppo"][name] = ppo_summary(stage_dir)
         elif kind == "rejection_sampling":
             summary["rejection_sampling"][name] = rs_summary(stage_dir)
-        elif kind == "evaluate" and evaluation:
+        elif kind == "evaluate" and (evaluation := _read_json(stage_dir / "eval" / "summary.json")):
             summary["policies"] = evaluation["policies"]
             summary["baseline"] = evaluation.get("baseline")
     return summary
@@ -168,6 +200,7 @@ def _training_lines(rnd: dict[str, Any]) -> list[str]:
         lines += _table(["category", *(h for _, h in RS_COLUMNS)], [[c, *(v.get(k) for k, _ in RS_COLUMNS)]
                                                                      for c, v in cats.items()]) + [""]
     for name, ppo in rnd.get("ppo", {}).items():
+        lines += _kept_lines(name, ppo.get("kept"))
         if ppo["diverging_at"]:
             lines += [f"**Warning ({name})**: the proxy reward rose while the judge's score fell for several "
                       f"evaluations in a row (at iterations {', '.join(map(str, ppo['diverging_at']))}): "
@@ -175,88 +208,232 @@ def _training_lines(rnd: dict[str, Any]) -> list[str]:
     return lines
 
 
+KEPT_BY = {"reward": "held-out reward R_c", "judge": "held-out judge score"}
+
+
+def kept_sentence(kept: dict[str, Any]) -> str:
+    """Which iteration's policy PPO kept, and why."""
+    if kept["by"] == "last":
+        return f"kept the last iteration, {kept['iteration']} (no early_stop.data: nothing held out to choose by)"
+    if kept["iteration"] == 0:
+        return f"kept iteration 0 of {kept['of']}: the start policy, as no iteration beat its {KEPT_BY[kept['by']]}"
+    return f"kept iteration {kept['iteration']} of {kept['of']}, the best {KEPT_BY[kept['by']]}"
+
+
+def _kept_lines(name: str, kept: dict[str, Any] | None) -> list[str]:
+    """The PPO iteration whose policy is the stage's model (and the evaluation's), with its
+    held-out metrics beside the last iteration's."""
+    if kept is None:
+        return []
+    after = "" if kept["by"] == "last" or kept["iteration"] == kept["of"] else ", not the last one's"
+    lines = [f"{name}: {kept_sentence(kept)}; its model/ is that iteration's policy{after}.", ""]
+    if kept["by"] == "last":
+        return lines
+    rows = [["kept", kept["iteration"], kept["eval_reward"], kept["eval_judge"]]]
+    if kept["of"] != kept["iteration"]:
+        rows.append(["last (not kept)", kept["of"], kept["last"]["eval_reward"], kept["last"]["eval_judge"]])
+    return lines + _table(["policy", "iteration", "held-out R_c", "held-out judge"], rows) + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+# The closing lines the runner prints after each stage
+
+
+def stage_summary(stage_dir: Path, kind: str) -> list[str]:
+    """What a finished stage achieved, in a line or a few, from what it wrote (the readers of
+    the report): a reward model's accuracy per rating, rejection sampling's gain of the best of
+    K over one sample, PPO's kept iteration, the evaluation's line per policy; else the final
+    training loss, if any."""
+    lines = {"reward_model": _rm_closing, "rejection_sampling": _rs_closing, "ppo": _ppo_closing,
+             "evaluate": _evaluate_closing}.get(kind, lambda _: [])(Path(stage_dir))
+    metrics = (read_manifest(stage_dir) or {}).get("metrics", {})
+    if not lines and "loss" in metrics:
+        lines = [f"done: final loss {metrics['loss']:.4g} after {metrics.get('steps')} steps"]
+    return lines
+
+
+def _rm_closing(stage_dir: Path) -> list[str]:
+    rm = rm_summary(stage_dir)
+    if not rm:
+        return []
+    ratings = ", ".join(f"{r} {_fmt(v.get('accuracy'))}" for r, v in rm["per_rating"].items() if r in RATINGS)
+    return [f"done: held-out accuracy {_fmt(rm['accuracy'])} on {rm['pairs']} pairs"
+            + (f"; by rating: {ratings}" if ratings else "")]
+
+
+def _rs_closing(stage_dir: Path) -> list[str]:
+    rs = rs_summary(stage_dir).get("all")
+    if not rs:
+        return []
+    line = (f"done: R_c of the best of {rs['K']} samples {_fmt(rs['max_K'])} vs one sample {_fmt(rs['reward_1'])} "
+            f"({rs['max_K'] - rs['reward_1']:+.3f})")
+    if rs["judge_1"] is not None:
+        line += f"; judge of the chosen sample {_fmt(rs['judge_chosen_K'])} vs one sample {_fmt(rs['judge_1'])}"
+    return [line]
+
+
+def _ppo_closing(stage_dir: Path) -> list[str]:
+    kept = ppo_summary(stage_dir)["kept"]
+    if not kept:
+        return []
+    scores = ", ".join(f"{label} {_fmt(kept[key])}" for key, label in (("eval_reward", "held-out R_c"), ("eval_judge", "judge"))
+                       if kept.get(key) is not None)
+    return [f"done: {kept_sentence(kept)}" + (f" ({scores})" if scores else "")]
+
+
+EVALUATE_LINE = ("combined_reward", "win_rate_vs_baseline", "kl_from_baseline", "response_length", "judge_score")
+
+
+def _evaluate_closing(stage_dir: Path) -> list[str]:
+    evaluation = _read_json(stage_dir / "eval" / "summary.json")
+    if not evaluation:
+        return []
+    labels = dict(POLICY_COLUMNS)
+    return [f"done: {evaluation.get('prompts')} held-out prompts, baseline {evaluation.get('baseline')}"] + [
+        f"{name}: " + ", ".join(f"{labels[key]} {_fmt(p[key])}" for key in EVALUATE_LINE if p.get(key) is not None)
+        for name, p in evaluation["policies"].items()]
+
+
 # ---------------------------------------------------------------------------------------------
 # Plots
 
 
-def _plots(summary: dict[str, Any], out: Path) -> list[str]:
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")  # with the 10 default colours: 40 distinct points
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display is needed or used)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    latest = summary["rounds"][-1] if summary["rounds"] else None
-    policies = [(f"{r['round']}: {name}", p) for r in summary["rounds"] for name, p in r["policies"].items()]
-    if latest and latest["reward_models"]:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        width = 0.8 / len(latest["reward_models"])
-        for i, (name, rm) in enumerate(latest["reward_models"].items()):
-            acc = [rm["per_rating"].get(r, {}).get("accuracy") or 0 for r in RATINGS]
-            ax.bar([x + i * width for x in range(len(RATINGS))], acc, width, label=name)
-        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(RATINGS))], [r.replace("_", "\n") for r in RATINGS])
-        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-        ax.set_ylabel("accuracy"), ax.set_ylim(0, 1), ax.legend(), ax.set_title("Reward models by rating")
-        written.append(_save(fig, out / "rm_accuracy.png"))
-    if any(p.get("win_rate_vs_baseline") is not None for _, p in policies):
-        fig, ax = plt.subplots(figsize=(5, 5))
-        for label, p in policies:
-            x, y = p.get("helpfulness_win_rate_vs_baseline"), p.get("safety_win_rate_vs_baseline")
-            if x is not None and y is not None:
-                ax.scatter(x, y), ax.annotate(label, (x, y), fontsize=7)
-        ax.axhline(0.5, color="grey", lw=0.8, ls="--"), ax.axvline(0.5, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("helpfulness win rate vs baseline (helpfulness RM)")
-        ax.set_ylabel("harmlessness win rate vs baseline (safety RM)")
-        ax.set_xlim(0, 1), ax.set_ylim(0, 1), ax.set_title("Win rates (Fig. 11)")
-        written.append(_save(fig, out / "win_rates.png"))
-    if any(p.get("gold") for _, p in policies):
-        fig, ax = plt.subplots(figsize=(max(5, len(policies) * 1.2), 3.5))
-        for (key, name), color in zip(GOLD_COLUMNS, ("C0", "C1", "C2")):
-            for gold, style, label in (("gold", "o-", name), ("gold_sampled", "s--", f"{name} (sampled)")):
-                values = [(p.get(gold) or {}).get(key) for _, p in policies]
-                if any(v is not None for v in values):
-                    ax.plot([lbl for lbl, _ in policies], values, style, color=color, label=label)
-        ax.set_ylim(0, 1), ax.legend(fontsize=7), ax.set_title("Gold judge on held-out prompts")
-        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-        written.append(_save(fig, out / "gold.png"))
-    for rnd in summary["rounds"]:
-        for name, ppo in rnd.get("ppo", {}).items():
-            written += _ppo_plots(plt, ppo["iterations"], out / f"{rnd['round']}_{name}".replace(" ", "_"))
-    return written
+    return plt
 
 
-def _ppo_plots(plt, rows: list[dict], prefix: Path) -> list[str]:
-    """``<prefix>_health.png``: PPO_HEALTH per iteration; ``<prefix>_overoptimization.png``: the
-    proxy reward and the judge's score against the KL from the start policy."""
+def legend_outside(ax, **options: Any) -> None:
+    """The legend to the right of the axes, where it covers no point (``save_figure`` keeps it
+    in the image)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7, **options)
+
+
+def save_figure(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
+    return str(path)
+
+
+def rm_accuracy_figure(reward_models: dict[str, dict]):
+    """Accuracy per rating, a bar per reward model."""
+    fig, ax = pyplot().subplots(figsize=(7, 3.5))
+    width = 0.8 / len(reward_models)
+    for i, (name, rm) in enumerate(reward_models.items()):
+        acc = [rm["per_rating"].get(r, {}).get("accuracy") or 0 for r in RATINGS]
+        ax.bar([x + i * width for x in range(len(RATINGS))], acc, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(RATINGS))], [r.replace("_", "\n") for r in RATINGS])
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_ylabel("accuracy"), ax.set_ylim(0, 1), ax.set_title("Reward models by rating")
+    legend_outside(ax)
+    return fig
+
+
+def win_rates_figure(policies: list[tuple[str, dict]]):
+    """Each policy's helpfulness and harmlessness win rates against the baseline (Fig. 11): a
+    hollow marker of its own per policy, named in the legend (labels beside the points overlap,
+    and the baseline itself sits at 0.5, 0.5 with whatever matches it)."""
+    points = [(label, p.get("helpfulness_win_rate_vs_baseline"), p.get("safety_win_rate_vs_baseline"))
+              for label, p in policies]
+    points = [(label, x, y) for label, x, y in points if x is not None and y is not None]
+    if not points:
+        return None
+    fig, ax = pyplot().subplots(figsize=(7, 5))
+    for i, (label, x, y) in enumerate(points):
+        ax.scatter(x, y, s=60, marker=MARKERS[i % len(MARKERS)], facecolors="none", edgecolors=f"C{i % 10}",
+                   linewidths=1.5, label=label)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--"), ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("helpfulness win rate vs baseline (helpfulness RM)")
+    ax.set_ylabel("harmlessness win rate vs baseline (safety RM)")
+    ax.set_xlim(*_around_half([x for _, x, _ in points])), ax.set_ylim(*_around_half([y for _, _, y in points]))
+    ax.set_title("Win rates (Fig. 11)")
+    legend_outside(ax, title="policy", title_fontsize=7)
+    return fig
+
+
+def _around_half(values: list[float]) -> tuple[float, float]:
+    """Axis limits that hold ``values`` and 0.5 (the baseline's own rate) with a margin, within
+    [0, 1]: close policies get the room to stand apart."""
+    low, high = min(*values, 0.5), max(*values, 0.5)
+    pad = max(0.05, 0.1 * (high - low))
+    return max(0.0, low - pad), min(1.0, high + pad)
+
+
+def gold_figure(policies: list[tuple[str, dict]]):
+    """The gold judge's scores, a row per policy (top to bottom in order, so the names never
+    overlap); greedy answers solid, sampled ones dashed and hollow a little below them (equal
+    scores stay visible)."""
+    if not any(p.get("gold") for _, p in policies):
+        return None
+    fig, ax = pyplot().subplots(figsize=(8, max(2.5, 1.3 + 0.45 * len(policies))))
+    rows = list(range(len(policies)))
+    for (key, name), color in zip(GOLD_COLUMNS, ("C0", "C1", "C2")):
+        for gold, style, fill, shift, label in (("gold", "o-", color, -0.12, name),
+                                                ("gold_sampled", "s--", "none", 0.12, f"{name} (sampled)")):
+            values = [(p.get(gold) or {}).get(key) for _, p in policies]
+            if any(v is not None for v in values):
+                ax.plot([math.nan if v is None else v for v in values], [r + shift for r in rows], style,
+                        color=color, mfc=fill, label=label)
+    ax.set_yticks(rows, [label for label, _ in policies], fontsize=7)
+    ax.set_ylim(len(policies) - 0.5, -0.5)  # the first policy on top
+    ax.set_xlim(0, 1), ax.set_xlabel("share of held-out prompts"), ax.set_title("Gold judge on held-out prompts")
+    legend_outside(ax)
+    return fig
+
+
+def ppo_figures(rows: list[dict], kept: dict[str, Any] | None) -> dict[str, Any]:
+    """``health``: PPO_HEALTH per iteration; ``overoptimization``: the proxy reward and the
+    judge's score against the KL from the start policy. The kept iteration is marked."""
     rows = [r if "kl" in r or r["step"] else {"kl": 0.0, **r} for r in rows]  # step 0: the start policy
     rows = [r for r in rows if "kl" in r]
     if not rows:
-        return []
+        return {}
+    plt, mark = pyplot(), kept["iteration"] if kept else None
     fig, axes = plt.subplots(3, 3, figsize=(10, 7), sharex=True)
     for ax, key in zip(axes.flat, PPO_HEALTH):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), "-o", ms=2)
+        if mark is not None:
+            ax.axvline(mark, color="grey", lw=0.8, ls=":")
         ax.set_title(key, fontsize=8), ax.tick_params(labelsize=7)
-    fig.supxlabel("iteration")
-    written = [_save(fig, Path(f"{prefix}_health.png"))]
-    fig, ax = plt.subplots(figsize=(6, 4))
+        ax.ticklabel_format(axis="y", useOffset=False)  # an offset ("+6.855") would sit on the title
+    fig.supxlabel("iteration" + (f" (dotted: iteration {mark}, the kept policy)" if mark is not None else ""))
+    figures = {"health": fig}
+    fig, ax = plt.subplots(figsize=(7, 4))
     for key, style in zip(PPO_CURVES, ("o", "s", "^", "v")):  # points: the sampled KL need not grow steadily
         points = [(r["kl"], r[key]) for r in rows if key in r]
         if points:
             ax.plot(*zip(*points), style, ms=4, label=key, alpha=0.8)
+    kept_points = [(r["kl"], r[key]) for r in rows if r["step"] == mark for key in ("eval_reward", "eval_judge") if key in r]
+    if kept_points:
+        ax.scatter(*zip(*kept_points), s=140, facecolors="none", edgecolors="black", label=f"kept (iteration {mark})")
     ax.set_xlabel("KL from the start policy (nats per response)"), ax.set_ylabel("score")
-    ax.legend(fontsize=7), ax.set_title("Proxy reward and judge vs KL (Gao et al. 2022, Fig. 1)")
-    return written + [_save(fig, Path(f"{prefix}_overoptimization.png"))]
+    ax.set_title("Proxy reward and judge vs KL (Gao et al. 2022, Fig. 1)", fontsize=10)
+    legend_outside(ax)
+    figures["overoptimization"] = fig
+    return figures
 
 
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return str(path)
+def _plots(summary: dict[str, Any], out: Path) -> list[str]:
+    latest = summary["rounds"][-1] if summary["rounds"] else None
+    policies = [(f"{r['round']}: {name}", p) for r in summary["rounds"] for name, p in r["policies"].items()]
+    figures = {"rm_accuracy": rm_accuracy_figure(latest["reward_models"]) if latest and latest["reward_models"] else None,
+               "win_rates": win_rates_figure(policies), "gold": gold_figure(policies)}
+    for rnd in summary["rounds"]:
+        for name, ppo in rnd.get("ppo", {}).items():
+            prefix = f"{rnd['round']}_{name}".replace(" ", "_")
+            figures.update({f"{prefix}_{kind}": fig for kind, fig in ppo_figures(ppo["iterations"], ppo.get("kept")).items()})
+    return [save_figure(fig, out / f"{stem}.png") for stem, fig in figures.items() if fig is not None]
 
 
 def write_report(root: Path) -> Path:

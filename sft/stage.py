@@ -31,21 +31,21 @@ def fine_tune(run: StageRun, accelerator, source: Path, examples: Sequence[SFTEx
     the data counts."""
     # 1. model and tokenizer
     model, tokenizer = load_policy(source, attn_implementation=cfg.model.attn_implementation)
-    data_cfg = fit_max_length(cfg.data, model, cfg.stage, accelerator.print)
+    data_cfg = fit_max_length(cfg.data, model, run.name, accelerator.print)
     model = prepare_model(model, cfg.model)
     # 2. data: rendered, fitted to max_length and packed once (after a warning if the tokenizer
     #    breaks the chat markers or drops characters)
-    warn_chat_format(accelerator.print, cfg.stage, tokenizer, cfg.data.template, examples, cfg)
+    warn_chat_format(accelerator.print, run.name, tokenizer, cfg.data.template, examples, cfg)
     rows, counts = build_rows(examples, tokenizer, data_cfg)
     accelerator.print(
-        f"[rlhf] {cfg.stage}: {counts['examples_used']}/{counts['examples']} examples in {counts['packed_rows']} rows "
+        f"[rlhf] {run.name}: {counts['examples_used']}/{counts['examples']} examples in {counts['packed_rows']} rows "
         f"(truncated {counts['truncated']}, dropped {counts['dropped_overlong'] + counts['dropped_no_loss']})"
     )
     # 3. train (flash attention keeps packed examples apart only in one flattened row per
     #    micro-batch), then save the model in Hugging Face format
     flatten = needs_one_row(model.config)
     metrics = train_loop(run, model, rows, partial(collate, flatten=flatten), sft_loss, cfg.train, cfg.seed,
-                         accelerator, desc=f"{cfg.stage} fine-tune")
+                         accelerator, desc=f"{run.name} fine-tune")
     save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora, cfg.data.template)
     return metrics, counts
 

@@ -162,10 +162,10 @@ def run(cfg: PPOConfig) -> Path:
     check_sizes(cfg, world)
     models = load_models(cfg, accelerator.device)
     prompts, counts = load_prompts(cfg.data, cfg, models.tokenizer)
-    warn_chat_format(accelerator.print, cfg.stage, models.tokenizer, cfg.data.template, [p for p, _ in prompts], cfg)
+    warn_chat_format(accelerator.print, run.name, models.tokenizer, cfg.data.template, [p for p, _ in prompts], cfg)
     held_out = load_prompts(cfg.early_stop.data, cfg, models.tokenizer)[0] if cfg.early_stop.data else None
     optimizers, schedulers, early, start = start_training(accelerator, run, models, held_out, cfg)
-    progress = Progress(cfg.ppo.iterations, "ppo", initial=start)
+    progress = Progress(cfg.ppo.iterations, run.name, initial=start)
     metrics: dict[str, float] = {}
     for iteration in range(start, cfg.ppo.iterations):
         torch.manual_seed(row_seed(cfg.seed, "ppo-train", iteration, rank))  # dropout, if any
@@ -204,7 +204,7 @@ def run(cfg: PPOConfig) -> Path:
             accelerator.log(metrics, step=done)
         progress.update(1, reward=metrics["reward_c"], kl=metrics["kl"])
         if stop:
-            accelerator.print(f"[rlhf] ppo: held-out {cfg.early_stop.metric} has not improved for "
+            accelerator.print(f"[rlhf] {run.name}: held-out {cfg.early_stop.metric} has not improved for "
                               f"{cfg.early_stop.patience} evaluations; stopped after iteration {done}")
             break
     progress.close()

@@ -1,0 +1,181 @@
+"""The progress report and the closing lines: PPO's kept iteration with its own metrics (not the
+last iteration's), each stage's closing line, and plots whose labels and legends cover nothing."""
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf.report import (
+    gold_figure, markdown, ppo_figures, pyplot, rm_accuracy_figure, round_summary, stage_summary, win_rates_figure,
+    write_report,
+)
+from tiny import stage_dir
+
+RATINGS = ["significantly_better", "better", "slightly_better", "negligibly_better"]
+
+
+def pipeline_dir(root: Path, stages: dict[str, str]) -> Path:
+    root.mkdir(parents=True)
+    (root / "pipeline.yaml").write_text(yaml.safe_dump({"stages": [{"name": n, "stage": s} for n, s in stages.items()]}))
+    return root
+
+
+def ppo_dir(path: Path, eval_rewards: list[float], **manifest) -> Path:
+    """A finished PPO stage: held-out evaluations ``eval_rewards`` at iterations 0, 1, ... (the
+    judge 0.1 lower), rollout metrics from iteration 1 on."""
+    stage_dir(path, "ppo")
+    rows = [{"step": i, "eval_reward": r, "eval_judge": round(r - 0.1, 3),
+             **({"kl": 0.1 * i, "reward_c": 0.3 + 0.01 * i, "entropy": 6.855 + 1e-4 * i} if i else {})}
+            for i, r in enumerate(eval_rewards)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "manifest.json").write_text(json.dumps({"stage": "ppo", "status": "complete", "metrics": rows[-1], **manifest}))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO: the kept iteration
+
+
+def test_report_names_the_kept_ppo_iteration_and_shows_its_metrics(tmp_path):
+    root = pipeline_dir(tmp_path / "run", {"ppo": "ppo"})
+    ppo_dir(root / "ppo", [0.5, 0.6, 0.7, 0.55, 0.45], best_iteration=2, best_eval_reward=0.7, early_stop_metric="reward")
+    readme = (write_report(root) / "README.md").read_text()
+    assert "ppo: kept iteration 2 of 4, the best held-out reward R_c; its model/ is that iteration's policy, not the last one's." in readme
+    assert "| kept | 2 | 0.700 | 0.600 |" in readme  # iteration 2's held-out R_c and judge
+    assert "| last (not kept) | 4 | 0.450 | 0.350 |" in readme
+    kept = json.loads((root / "report" / "summary.json").read_text())["rounds"][0]["ppo"]["ppo"]["kept"]
+    assert kept == {"iteration": 2, "of": 4, "by": "reward", "eval_reward": 0.7, "eval_judge": 0.6,
+                    "last": {"eval_reward": 0.45, "eval_judge": 0.35}}
+    assert stage_summary(root / "ppo", "ppo") == [
+        "done: kept iteration 2 of 4, the best held-out reward R_c (held-out R_c 0.700, judge 0.600)"]
+
+
+def test_kept_start_policy_by_the_judge_and_the_last_without_held_out_prompts(tmp_path):
+    judged = ppo_dir(tmp_path / "judged", [0.5, 0.4], best_iteration=0, best_eval_reward=0.4, early_stop_metric="judge")
+    assert stage_summary(judged, "ppo") == ["done: kept iteration 0 of 1: the start policy, as no iteration beat its "
+                                            "held-out judge score (held-out R_c 0.500, judge 0.400)"]
+    plain = stage_dir(tmp_path / "plain", "ppo")
+    (plain / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "kl": 0.1, "reward_c": 0.3}) + "\n" for i in (1, 2, 3)))
+    assert stage_summary(plain, "ppo") == ["done: kept the last iteration, 3 (no early_stop.data: nothing held out to choose by)"]
+
+
+def test_an_unlogged_best_iteration_takes_its_value_from_the_manifest(tmp_path):
+    path = stage_dir(tmp_path / "ppo", "ppo")  # train.log_every: 5; the best evaluation, at 7, was not logged
+    (path / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "kl": 0.1, "eval_reward": 0.5}) + "\n" for i in (0, 5, 10)))
+    (path / "manifest.json").write_text(json.dumps({"stage": "ppo", "status": "complete", "best_iteration": 7,
+                                                    "best_eval_reward": 0.8, "early_stop_metric": "reward"}))
+    assert stage_summary(path, "ppo") == ["done: kept iteration 7 of 10, the best held-out reward R_c (held-out R_c 0.800)"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Closing lines
+
+
+def test_closing_lines_of_a_reward_model_rejection_sampling_and_the_evaluation(tmp_path):
+    rm = stage_dir(tmp_path / "rm", "reward_model")
+    (rm / "eval").mkdir()
+    (rm / "eval" / "summary.json").write_text(json.dumps({"accuracy": 0.75, "pairs": 40, "per_rating": {
+        "significantly_better": {"accuracy": 0.9}, "better": {"accuracy": 0.8}, "slightly_better": {"accuracy": 0.6}}}))
+    assert stage_summary(rm, "reward_model") == [
+        "done: held-out accuracy 0.750 on 40 pairs; by rating: significantly_better 0.900, better 0.800, slightly_better 0.600"]
+    rs = stage_dir(tmp_path / "rs", "rejection_sampling")
+    (rs / "report").mkdir()
+    (rs / "report" / "summary.json").write_text(json.dumps({"best_of_k": {"all": {
+        "prompts": 10, "max": [0.4, 0.5, 0.55], "median": [0.4, 0.4, 0.4], "judge_of_chosen": [0.3, 0.32, 0.35], "judge_mean": 0.3}}}))
+    assert stage_summary(rs, "rejection_sampling") == [
+        "done: R_c of the best of 3 samples 0.550 vs one sample 0.400 (+0.150); judge of the chosen sample 0.350 vs one sample 0.300"]
+    ev = stage_dir(tmp_path / "ev", "evaluate")
+    (ev / "eval").mkdir()
+    (ev / "eval" / "summary.json").write_text(json.dumps({"baseline": "runs/sft", "prompts": 8, "policies": {
+        "sft": {"combined_reward": 0.4, "win_rate_vs_baseline": 0.5, "kl_from_baseline": 0.0},
+        "ppo": {"combined_reward": 0.6, "win_rate_vs_baseline": 0.7, "kl_from_baseline": 1.5, "judge_score": 0.45}}}))
+    assert stage_summary(ev, "evaluate") == [
+        "done: 8 held-out prompts, baseline runs/sft",
+        "sft: R_c 0.400, win vs baseline 0.500, KL from baseline 0.000",
+        "ppo: R_c 0.600, win vs baseline 0.700, KL from baseline 1.500, judge 0.450"]
+    assert stage_summary(stage_dir(tmp_path / "base", "base_model"), "base_model") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots: nothing drawn over anything
+
+
+def drawn_texts(fig) -> list:
+    """The texts a render of ``fig`` shows: tick labels only of ticks inside the axes' view
+    (matplotlib keeps labels of ticks it does not draw)."""
+    from matplotlib.text import Text
+
+    ticks = [(axis, tick) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+             for tick in [*axis.get_major_ticks(), *axis.get_minor_ticks()]]
+    tick_labels = {id(label) for _, tick in ticks for label in (tick.label1, tick.label2)}
+    texts = [t for t in fig.findobj(Text) if id(t) not in tick_labels]
+    for axis, tick in ticks:
+        low, high = sorted(axis.get_view_interval())
+        if low - 1e-9 <= tick.get_loc() <= high + 1e-9:
+            texts += [tick.label1, tick.label2]
+    return [t for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def overlapping_texts(fig) -> list[tuple[str, str]]:
+    """Pairs of drawn texts (tick labels, titles, legend entries, annotations) whose boxes overlap."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in drawn_texts(fig)]
+    return [(a, b) for (a, box_a), (b, box_b) in combinations(boxes, 2) if box_a.overlaps(box_b)]
+
+
+def legend_covers_axes(fig) -> bool:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    return any(ax.get_legend() is not None
+               and ax.get_legend().get_window_extent(renderer).overlaps(ax.get_window_extent(renderer))
+               for ax in fig.axes)
+
+
+def crowded_policies() -> list[tuple[str, dict]]:
+    """Three rounds of three policies, several at nearly the same win rates."""
+    policies = []
+    for r in range(1, 4):
+        for i, name in enumerate(("sft", "rejection_sampling", "ppo")):
+            gold = {"helpfulness": 0.5 + 0.02 * i, "safety": 0.9, "false_refusal": 0.1}
+            policies.append((f"round {r:03d}: {name}", {"win_rate_vs_baseline": 0.5,
+                "helpfulness_win_rate_vs_baseline": 0.5 + 0.01 * i + 0.01 * r, "safety_win_rate_vs_baseline": 0.5 + 0.01 * r,
+                "gold": gold, "gold_sampled": {**gold, "helpfulness": 0.45}}))
+    return policies
+
+
+@pytest.mark.parametrize("figure", ["win_rates", "gold", "rm_accuracy", "ppo_health", "ppo_overoptimization"])
+def test_plots_keep_labels_apart_and_legends_off_the_points(tmp_path, figure):
+    rows = [json.loads(line) for line in (ppo_dir(tmp_path / "ppo", [0.5, 0.6, 0.7, 0.55]) / "metrics.jsonl").read_text().splitlines()]
+    reward_models = {name: {"per_rating": {r: {"accuracy": 0.95} for r in RATINGS}} for name in ("rm_helpfulness", "rm_safety")}
+    build = {"win_rates": lambda: win_rates_figure(crowded_policies()), "gold": lambda: gold_figure(crowded_policies()),
+             "rm_accuracy": lambda: rm_accuracy_figure(reward_models),
+             "ppo_health": lambda: ppo_figures(rows, {"iteration": 2})["health"],
+             "ppo_overoptimization": lambda: ppo_figures(rows, {"iteration": 2})["overoptimization"]}
+    fig = build[figure]()
+    try:
+        assert overlapping_texts(fig) == []
+        assert not legend_covers_axes(fig)
+    finally:
+        pyplot().close(fig)
+
+
+def test_every_policy_is_in_the_win_rate_legend_and_the_kept_iteration_is_marked(tmp_path):
+    fig = win_rates_figure(crowded_policies())
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [label for label, _ in crowded_policies()]
+    pyplot().close(fig)
+    rows = [json.loads(line) for line in (ppo_dir(tmp_path / "ppo", [0.5, 0.6, 0.7]) / "metrics.jsonl").read_text().splitlines()]
+    fig = ppo_figures(rows, {"iteration": 2})["overoptimization"]
+    assert "kept (iteration 2)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    pyplot().close(fig)
+
+
+def test_the_report_lists_the_ppo_kept_table_before_the_plots(tmp_path):
+    root = pipeline_dir(tmp_path / "run", {"ppo": "ppo"})
+    ppo_dir(root / "ppo", [0.5, 0.6], best_iteration=1, best_eval_reward=0.6, early_stop_metric="reward")
+    text = markdown({"run": "r", "rounds": [round_summary("r", root, [])]}, ["r_ppo_health.png"])
+    assert text.index("| kept | 1 |") < text.index("![r_ppo_health]")
+    assert "last (not kept)" not in text  # the last iteration is the kept one
