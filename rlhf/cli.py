@@ -184,7 +184,10 @@ def _add_round_commands(sub) -> None:
 
 
 def _cmd_eval_rm(args: argparse.Namespace) -> int:
+    from rlhf.progress import quiet_libraries
     from rlhf.stages import command
+
+    quiet_libraries()
 
     _must_exist(Path(args.model_dir), Path(args.data))
     print_json(command("eval-rm")(args.model_dir, args.data, args.format, args.threshold, args.max_pairs, args.out))
@@ -192,7 +195,10 @@ def _cmd_eval_rm(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_gold(args: argparse.Namespace) -> int:
+    from rlhf.progress import quiet_libraries
     from rlhf.world.gold import evaluate_gold
+
+    quiet_libraries()
 
     print_json(evaluate_gold(args.model_dir, args.prompts, args.max_new_tokens, samples=args.samples,
                              temperature=args.temperature))
@@ -358,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         if isinstance(exc, _user_errors()):
-            print(f"error: {exc}", file=sys.stderr)
+            from rlhf.data.validate import error_text
+
+            print(f"error: {error_text(exc)}", file=sys.stderr)
             return EXIT_USER_ERROR
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:  # a write no rlhf.artifacts.writing covers
             print(f"error: no space left on the device of {exc.filename or 'the output directory'}; free space "

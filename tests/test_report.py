@@ -179,3 +179,14 @@ def test_the_report_lists_the_ppo_kept_table_before_the_plots(tmp_path):
     text = markdown({"run": "r", "rounds": [round_summary("r", root, [])]}, ["r_ppo_health.png"])
     assert text.index("| kept | 1 |") < text.index("![r_ppo_health]")
     assert "last (not kept)" not in text  # the last iteration is the kept one
+
+
+def test_best_of_k_legend_is_off_the_curves(tmp_path, monkeypatch):
+    from rlhf.rejection_sampling import report as rs
+
+    figs = []
+    monkeypatch.setattr(rs, "save_figure", lambda fig, path: figs.append(fig))
+    curves = {n: {"max": [.4, .5, .9], "median": [.4, .45, .5], "judge_of_chosen": [.3, .35, .4]}
+              for n in ("all", "helpfulness", "safety")}
+    rs.plot_curves(tmp_path / "b.png", curves, "t")
+    assert overlapping_texts(figs[0]) == [] and not legend_covers_axes(figs[0])

@@ -132,6 +132,20 @@ def test_validating_a_file_of_another_kind_prints_a_screenful(tmp_path, capsys):
     assert out[-1] == "1500 problem(s) in 500 of 500 rows"
 
 
+def test_a_stage_on_a_file_of_another_kind_prints_a_screenful(tmp_path, capsys):
+    from rlhf.cli import main
+
+    rows = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a"}]} for i in range(500)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = save_with_tokenizer(tmp_path / "m", tiny_llama(len(WORDS)), word_tokenizer(WORDS))
+    recipe = _write(tmp_path / "rm.yaml", {"stage": "reward_model", "output_dir": str(tmp_path / "rm"), "model_from": str(model),
+                                           "data": {"sources": [{"path": str(tmp_path / "sft.jsonl")}], "max_length": 64}})
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert 5 < len(err) < 20, err  # before: one line per problem, 1,500
+    assert any(line.startswith("... and 497 more like") for line in err)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. resuming only what resumes
 

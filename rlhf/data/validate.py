@@ -55,7 +55,6 @@ def error_text(exc: BaseException) -> str:
     return "\n".join([*problem_lines(exc.problems), *([exc.hint] if exc.hint else [])])
 
 
-
 def summarize(kind: str, records: list[Record]) -> str:
     """Readable counts: rows, user turns, and by rating / safety label / source."""
     turns = Counter(user_turns(r.prompt if isinstance(r, PreferencePair) else r.messages)

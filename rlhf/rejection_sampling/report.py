@@ -12,6 +12,7 @@ from typing import Any, Sequence
 from rlhf.artifacts import write_json_atomic
 from rlhf.data import write_jsonl_rows
 from rlhf.generation import truncation
+from rlhf.report import legend_outside, pyplot, save_figure
 from rlhf.rejection_sampling.pool import Item
 
 
@@ -71,12 +72,7 @@ def average_curves(rewards: dict[str, list[float]], keys: Sequence[str],
 
 
 def plot_curves(path: Path, curves: dict[str, dict], title: str, median: bool = True) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     for i, (name, c) in enumerate(curves.items()):
         ks = range(1, len(c["max"]) + 1)
         ax.plot(ks, c["max"], "-o", ms=3, color=f"C{i}", label=f"{name} max")
@@ -85,10 +81,8 @@ def plot_curves(path: Path, curves: dict[str, dict], title: str, median: bool = 
         if "judge_of_chosen" in c:
             ax.plot(ks, c["judge_of_chosen"], ":", marker="x", ms=3, color=f"C{i}", label=f"{name} judge of chosen")
     ax.set_xlabel("samples per prompt (k)"), ax.set_ylabel("reward R_c"), ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    legend_outside(ax)
+    save_figure(fig, path)
 
 
 def sample_truncation(samples: dict[str, dict]) -> dict[str, Any]:
