@@ -329,3 +329,39 @@ def test_real_pku_saferlhf_held_out_by_prompt(realdata):
     trained, held_prompts = sides(train, held)
     assert not trained & held_prompts and len(trained | held_prompts) == 930
     assert abs(len(held["pku"]) - round(0.2 * 5135)) <= 12  # at most one prompt's pairs over
+
+
+# The shipped real-data recipes (recipes/realdata/): they name files of ../shared/realdata from
+# the repository root, and one runs there
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA_RECIPES = sorted((REPO / "recipes" / "realdata").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", REALDATA_RECIPES, ids=lambda p: p.name)
+def test_realdata_recipes_name_files_that_exist(recipe, realdata, monkeypatch):
+    from rlhf.recipe import Pipeline, load_recipe
+
+    monkeypatch.chdir(REPO)
+    loaded = load_recipe(recipe)
+    stages = loaded.stages if isinstance(loaded, Pipeline) else [(recipe.stem, loaded)]
+    for _, cfg in stages:
+        paths = cfg.input_paths()
+        assert "model_from" in paths and any(key.startswith("data.sources") for key in paths)
+        assert [key for key, (path, _) in paths.items() if not path.exists()] == []
+
+
+@pytest.mark.slow  # 10-20 s: 1,000 pairs read, checked and tokenized, one step, 175 pairs evaluated
+def test_realdata_reward_model_recipe_runs(realdata, tmp_path, monkeypatch):
+    from rlhf.artifacts import read_manifest
+    from rlhf.cli import main
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "rm"
+    assert main(["run", "recipes/realdata/rm_ultrafeedback.yaml", f"output_dir={out}", "train.max_steps=1",
+                 "train.batch_size=8", "data.max_length=128"]) == 0
+    manifest = read_manifest(out)
+    # 1,000 rows less 111 ties, 3 identical pairs with different scores and 2 empty responses
+    assert manifest["data"]["sources"]["ultrafeedback"] == {"rows": 1000, "skipped": 116, "used": 884, "held_out": 0}
+    assert manifest["metrics"]["steps"] == 1 and manifest["inputs"]["model_from"]["path"].endswith("tinystories-656k")
+    assert "eval/ultrafeedback_eval/accuracy" in manifest["metrics"]
