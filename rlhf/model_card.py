@@ -97,10 +97,20 @@ def _accuracy_per_rating(evaluation: dict[str, Any]) -> list[str]:
             *_table(header, rows), ""]
 
 
+def _kept_iteration(metrics: dict[str, Any]) -> list[str]:
+    """PPO: which iteration's policy this is, where it is not the last one's."""
+    if metrics.get("kept_iteration", metrics.get("last_iteration")) == metrics.get("last_iteration"):
+        return []
+    return [(f"The policy of PPO iteration {metrics['kept_iteration']} of {metrics['last_iteration']}, its best "
+             f"held-out evaluation by `{metrics['kept_by']}` (iteration 0: the policy it started from), not the "
+             "last iteration's: the metrics are the kept iteration's, the last iteration's are named `last_*`."), ""]
+
+
 def model_card(cfg: StageConfig, inputs: dict[str, dict[str, str]], metrics: dict[str, Any], extra: dict[str, Any],
                stage_dir: Path) -> str:
-    """The card of ``stage_dir/model`` (see the module doc) from the manifest's facts: ``metrics``,
-    and ``extra``, whose numbers (PPO's kept iteration) count as final metrics too."""
+    """The card of ``stage_dir/model`` (see the module doc) from the manifest's facts: ``metrics``
+    (PPO's: those of the iteration whose policy it kept), and ``extra``, whose numbers (PPO's
+    early-stop record, the round of rejection sampling) count as final metrics too."""
     metrics = {**metrics, **{k: v for k, v in extra.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
     model_dir = Path(stage_dir) / "model"
     architectures = _read_json(model_dir / "config.json").get("architectures") or [""]
@@ -127,7 +137,8 @@ def model_card(cfg: StageConfig, inputs: dict[str, dict[str, str]], metrics: dic
     for title, group in (("Models used", "models"), ("Data", "data")):
         lines += [f"## {title}", "", *_table(header, found[group]), ""] if found[group] else []
     lines += ["## Hyper-parameters", "", *_table(["key", "value"], [[f"`{k}`", _value(v)] for k, v in values.items()]), ""]
-    lines += ["## Final metrics", "", *_table(["metric", "value"], [[f"`{k}`", _value(v)] for k, v in flatten(metrics).items()]), ""]
+    lines += ["## Final metrics", "", *_kept_iteration(metrics),
+              *_table(["metric", "value"], [[f"`{k}`", _value(v)] for k, v in flatten(metrics).items()]), ""]
     return "\n".join(lines + _accuracy_per_rating(_read_json(Path(stage_dir) / "eval" / "metrics.json")))
 
 

@@ -26,6 +26,7 @@ RATINGS = ("significantly_better", "better", "slightly_better", "negligibly_bett
 PPO_HEALTH = ("kl", "entropy", "clip_fraction", "explained_variance", "response_length", "truncation_rate",
               "safety_scored", "advantage_mean", "advantage_std")
 PPO_CURVES = ("reward_c", "judge", "eval_reward", "eval_judge")  # against KL from the start policy
+HELD_OUT = ("eval_reward", "eval_judge")  # PPO's held-out metrics, of the kept and of the last iteration
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -62,30 +63,21 @@ def ppo_summary(stage_dir: Path) -> dict[str, Any]:
     keys = ("step", *PPO_HEALTH, *PPO_CURVES)
     return {"iterations": [{k: r[k] for k in keys if k in r} for r in rows],
             "diverging_at": [r["step"] for r in rows if r.get("judge_diverging")],
-            "kept": kept_iteration(read_manifest(stage_dir) or {}, rows)}
+            "kept": kept_iteration((read_manifest(stage_dir) or {}).get("metrics") or {})}
 
 
-def kept_iteration(manifest: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Which PPO iteration's policy is the stage's ``model/``: the best held-out evaluation
-    (the manifest's ``best_iteration``; 0 is the start policy) or, with nothing held out, the
-    last iteration. ``iteration``, ``of`` (the last iteration run), ``by`` (``reward``,
-    ``judge`` or ``last``), and the held-out ``eval_reward`` / ``eval_judge`` of the kept and
-    (``last``) of the last iteration."""
-    steps = [r["step"] for r in rows]
-    if not steps:
+def kept_iteration(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """Which PPO iteration's policy is the stage's ``model/``, from the record in its manifest's
+    ``metrics`` (``rlhf.ppo.stage.final_metrics``; None without one): ``iteration`` (0 is the
+    start policy), ``of`` (the last iteration run), ``by`` (``reward``, ``judge`` or ``last``),
+    and the held-out ``eval_reward`` / ``eval_judge`` of the kept and (``last``) of the last
+    iteration."""
+    if "kept_iteration" not in metrics:
         return None
-    chosen = manifest.get("best_iteration")
-    by = manifest.get("early_stop_metric", "reward") if chosen is not None else "last"
-    iteration = max(steps) if chosen is None else chosen
-    kept = _held_out(rows, iteration)
-    if by != "last" and kept[f"eval_{by}"] is None:  # not logged (train.log_every); the manifest has it
-        kept[f"eval_{by}"] = manifest.get("best_eval_reward")
-    return {"iteration": iteration, "of": max(steps), "by": by, **kept, "last": _held_out(rows, max(steps))}
-
-
-def _held_out(rows: list[dict[str, Any]], step: int) -> dict[str, Any]:
-    row = next((r for r in rows if r["step"] == step), {})
-    return {key: row.get(key) for key in ("eval_reward", "eval_judge")}
+    kept, of = metrics["kept_iteration"], metrics["last_iteration"]
+    last = metrics if kept == of else {key: metrics.get(f"last_{key}") for key in HELD_OUT}
+    return {"iteration": kept, "of": of, "by": metrics["kept_by"], **{key: metrics.get(key) for key in HELD_OUT},
+            "last": {key: last.get(key) for key in HELD_OUT}}
 
 
 def rs_summary(stage_dir: Path) -> dict[str, Any]:

@@ -111,16 +111,58 @@ def test_early_stop_keeps_the_best_held_out_policy(world, tmp_path):
     out = run(_cfg(world, tmp_path / "ppo", **stop))
     rows = _metrics(out)
     manifest = json.loads((out / "manifest.json").read_text())
-    best = manifest["best_iteration"]
+    best = manifest["metrics"]["kept_iteration"]
     rewards = [r["eval_reward"] for r in rows]  # step 0: the policy before PPO
     assert rows[0] == {"step": 0, "eval_reward": rewards[0]}
-    assert manifest["best_eval_reward"] == max(rewards) == rewards[best]
+    assert manifest["metrics"]["eval_reward"] == manifest["best_eval_reward"] == max(rewards) == rewards[best]
+    assert manifest["best_iteration"] == best
     if len(rows) < 6:  # stopped: the last evaluation did not improve on the best
         assert rewards[-1] <= max(rewards[:-1])
     # the saved policy is the one evaluated best: a plain run of that many iterations
     plain = run(_cfg(world, tmp_path / "plain", **{"ppo.iterations": best})) / "model" if best else world / "sft" / "model"
     a, b = stored_weights(out / "model"), stored_weights(plain)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+ROLLOUT_KEYS = ("reward_c", "reward_h", "kl", "entropy", "policy_loss", "response_length")
+
+
+def test_manifest_and_card_describe_the_kept_policy_not_the_last_iteration(world, tmp_path, monkeypatch):
+    """Held-out scores forced to peak at iteration 1 of 3: the manifest's metrics, the model card
+    and the report are iteration 1's; the last iteration's are kept as ``last_NAME``."""
+    from rlhf.ppo import stage
+    from rlhf.report import ppo_summary
+
+    scores = iter([(0.2, 0.1), (0.6, 0.5), (0.4, 0.7), (0.3, 0.2)])  # (R_c, judge) at iterations 0..3
+    monkeypatch.setattr(stage, "evaluate", lambda *args: next(scores))
+    held_out = {"sources": [{"path": str(world / "prompts.jsonl")}]}
+    out = stage.run(_cfg(world, tmp_path / "ppo", **{"early_stop": {"data": held_out, "every": 1}, "ppo.iterations": 3}))
+    rows = _metrics(out)
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert (metrics["kept_iteration"], metrics["kept_by"], metrics["last_iteration"]) == (1, "reward", 3)
+    assert (metrics["eval_reward"], metrics["eval_judge"], metrics["last_eval_reward"], metrics["last_eval_judge"]) == (0.6, 0.5, 0.3, 0.2)
+    for key in ROLLOUT_KEYS:  # the rollouts of iteration 1, logged at step 1; the last's at step 3
+        assert (metrics[key], metrics[f"last_{key}"]) == (rows[1][key], rows[3][key]), key
+    assert rows[1]["kl"] != rows[3]["kl"]
+    card = (out / "model" / "README.md").read_text()
+    assert "The policy of PPO iteration 1 of 3, its best held-out evaluation by `reward`" in card
+    assert "| `kept_iteration` | 1 |" in card and "| `eval_reward` | 0.6 |" in card and "| `last_eval_reward` | 0.3 |" in card
+    assert f"| `kl` | {rows[1]['kl']:.4g} |" in card
+    assert ppo_summary(out)["kept"] == {"iteration": 1, "of": 3, "by": "reward", "eval_reward": 0.6, "eval_judge": 0.5,
+                                        "last": {"eval_reward": 0.3, "eval_judge": 0.2}}
+
+
+def test_final_metrics_of_the_start_policy_and_of_a_run_without_held_out_prompts():
+    from rlhf.ppo.stage import EarlyStop, final_metrics
+
+    last = {"kl": 0.3, "eval_reward": 0.4}
+    start = EarlyStop(best=0.5, best_iteration=0, best_metrics={"eval_reward": 0.5})  # nothing beat the start policy
+    assert final_metrics(last, 4, start, "reward") == {"kept_iteration": 0, "kept_by": "reward", "eval_reward": 0.5,
+                                                       "last_iteration": 4, "last_kl": 0.3, "last_eval_reward": 0.4}
+    best_last = EarlyStop(best=0.4, best_iteration=4, best_metrics={"eval_reward": 0.4})  # the last was the best
+    assert final_metrics(last, 4, best_last, "judge") == {"kept_iteration": 4, "kept_by": "judge", **last, "last_iteration": 4}
+    assert final_metrics({"kl": 0.3}, 2, EarlyStop(), "reward") == {"kept_iteration": 2, "kept_by": "last", "kl": 0.3,
+                                                                    "last_iteration": 2}
 
 
 def test_lora_policy_is_its_own_reference(world, tmp_path):

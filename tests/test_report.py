@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from rlhf.report import (
-    gold_figure, markdown, ppo_figures, pyplot, rm_accuracy_figure, round_summary, stage_summary, win_rates_figure,
-    write_report,
+    gold_figure, markdown, ppo_figures, ppo_summary, pyplot, rm_accuracy_figure, round_summary, stage_summary,
+    win_rates_figure, write_report,
 )
 from tiny import stage_dir
 
@@ -23,15 +23,21 @@ def pipeline_dir(root: Path, stages: dict[str, str]) -> Path:
     return root
 
 
-def ppo_dir(path: Path, eval_rewards: list[float], **manifest) -> Path:
+def ppo_dir(path: Path, eval_rewards: list[float], kept: int | None = None, by: str = "reward") -> Path:
     """A finished PPO stage: held-out evaluations ``eval_rewards`` at iterations 0, 1, ... (the
-    judge 0.1 lower), rollout metrics from iteration 1 on."""
+    judge 0.1 lower), rollout metrics from iteration 1 on; its manifest's metrics those the stage
+    writes when it kept iteration ``kept`` by ``by`` (``rlhf.ppo.stage.final_metrics``)."""
+    from rlhf.ppo.stage import EarlyStop, final_metrics
+
     stage_dir(path, "ppo")
     rows = [{"step": i, "eval_reward": r, "eval_judge": round(r - 0.1, 3),
              **({"kl": 0.1 * i, "reward_c": 0.3 + 0.01 * i, "entropy": 6.855 + 1e-4 * i} if i else {})}
             for i, r in enumerate(eval_rewards)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (path / "manifest.json").write_text(json.dumps({"stage": "ppo", "status": "complete", "metrics": rows[-1], **manifest}))
+    unstepped = [{k: v for k, v in r.items() if k != "step"} for r in rows]
+    early = EarlyStop() if kept is None else EarlyStop(best_iteration=kept, best_metrics=unstepped[kept])
+    metrics = final_metrics(unstepped[-1], len(rows) - 1, early, by)
+    (path / "manifest.json").write_text(json.dumps({"stage": "ppo", "status": "complete", "metrics": metrics}))
     return path
 
 
@@ -41,7 +47,7 @@ def ppo_dir(path: Path, eval_rewards: list[float], **manifest) -> Path:
 
 def test_report_names_the_kept_ppo_iteration_and_shows_its_metrics(tmp_path):
     root = pipeline_dir(tmp_path / "run", {"ppo": "ppo"})
-    ppo_dir(root / "ppo", [0.5, 0.6, 0.7, 0.55, 0.45], best_iteration=2, best_eval_reward=0.7, early_stop_metric="reward")
+    ppo_dir(root / "ppo", [0.5, 0.6, 0.7, 0.55, 0.45], kept=2)
     readme = (write_report(root) / "README.md").read_text()
     assert "ppo: kept iteration 2 of 4, the best held-out reward R_c; its model/ is that iteration's policy, not the last one's." in readme
     assert "| kept | 2 | 0.700 | 0.600 |" in readme  # iteration 2's held-out R_c and judge
@@ -54,20 +60,26 @@ def test_report_names_the_kept_ppo_iteration_and_shows_its_metrics(tmp_path):
 
 
 def test_kept_start_policy_by_the_judge_and_the_last_without_held_out_prompts(tmp_path):
-    judged = ppo_dir(tmp_path / "judged", [0.5, 0.4], best_iteration=0, best_eval_reward=0.4, early_stop_metric="judge")
+    judged = ppo_dir(tmp_path / "judged", [0.5, 0.4], kept=0, by="judge")
     assert stage_summary(judged, "ppo") == ["done: kept iteration 0 of 1: the start policy, as no iteration beat its "
                                             "held-out judge score (held-out R_c 0.500, judge 0.400)"]
     plain = stage_dir(tmp_path / "plain", "ppo")
     (plain / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "kl": 0.1, "reward_c": 0.3}) + "\n" for i in (1, 2, 3)))
+    (plain / "manifest.json").write_text(json.dumps({"stage": "ppo", "status": "complete", "metrics": {
+        "kept_iteration": 3, "kept_by": "last", "kl": 0.1, "reward_c": 0.3, "last_iteration": 3}}))
     assert stage_summary(plain, "ppo") == ["done: kept the last iteration, 3 (no early_stop.data: nothing held out to choose by)"]
 
 
-def test_an_unlogged_best_iteration_takes_its_value_from_the_manifest(tmp_path):
+def test_the_kept_iteration_is_read_from_the_manifest_not_the_logged_rows(tmp_path):
     path = stage_dir(tmp_path / "ppo", "ppo")  # train.log_every: 5; the best evaluation, at 7, was not logged
     (path / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "kl": 0.1, "eval_reward": 0.5}) + "\n" for i in (0, 5, 10)))
-    (path / "manifest.json").write_text(json.dumps({"stage": "ppo", "status": "complete", "best_iteration": 7,
-                                                    "best_eval_reward": 0.8, "early_stop_metric": "reward"}))
+    (path / "manifest.json").write_text(json.dumps({"stage": "ppo", "status": "complete", "metrics": {
+        "kept_iteration": 7, "kept_by": "reward", "eval_reward": 0.8, "kl": 0.2, "last_iteration": 10,
+        "last_eval_reward": 0.5, "last_kl": 0.1}}))
     assert stage_summary(path, "ppo") == ["done: kept iteration 7 of 10, the best held-out reward R_c (held-out R_c 0.800)"]
+    older = stage_dir(tmp_path / "older", "ppo")  # a manifest without the record: nothing is named, nothing guessed
+    (older / "metrics.jsonl").write_text((path / "metrics.jsonl").read_text())
+    assert ppo_summary(older)["kept"] is None and stage_summary(older, "ppo") == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +187,7 @@ def test_every_policy_is_in_the_win_rate_legend_and_the_kept_iteration_is_marked
 
 def test_the_report_lists_the_ppo_kept_table_before_the_plots(tmp_path):
     root = pipeline_dir(tmp_path / "run", {"ppo": "ppo"})
-    ppo_dir(root / "ppo", [0.5, 0.6], best_iteration=1, best_eval_reward=0.6, early_stop_metric="reward")
+    ppo_dir(root / "ppo", [0.5, 0.6], kept=1)
     text = markdown({"run": "r", "rounds": [round_summary("r", root, [])]}, ["r_ppo_health.png"])
     assert text.index("| kept | 1 |") < text.index("![r_ppo_health]")
     assert "last (not kept)" not in text  # the last iteration is the kept one

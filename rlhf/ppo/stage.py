@@ -10,6 +10,9 @@ the policy and the critic each). The math lives in
 ``rlhf.rewards`` and ``rlhf.ppo.losses``; this module wires it. An independent ``judge``, never
 optimised, scores the rollouts and the held-out answers beside the proxy reward (``judge``,
 ``eval_judge``); early stopping may go by it, and a proxy rising while the judge falls warns.
+With held-out prompts (``early_stop.data``) ``model/`` is the policy of the best evaluation
+(iteration 0: the start policy), and the manifest's metrics are that iteration's
+(``final_metrics``), the last iteration's beside them as ``last_NAME``.
 
 Several processes: each samples, scores and runs the frozen forwards for its share of the
 prompts, then every process gathers the whole iteration's rollouts, so the reward, whitening and
@@ -103,6 +106,7 @@ class EarlyStop:
 
     best: float = -math.inf
     best_iteration: int = -1
+    best_metrics: dict = field(default_factory=dict)  # the metrics of the best evaluation's iteration
     bad_evals: int = 0
     proxy: list = field(default_factory=list)  # the proxy reward of each evaluation (for ``diverging``)
     judged: list = field(default_factory=list)  # the judge's mean score of each evaluation
@@ -167,6 +171,7 @@ def run(cfg: PPOConfig) -> Path:
     optimizers, schedulers, early, start = start_training(accelerator, run, models, held_out, cfg)
     progress = Progress(cfg.ppo.iterations, run.name, initial=start)
     metrics: dict[str, float] = {}
+    done = start  # iterations done
     for iteration in range(start, cfg.ppo.iterations):
         torch.manual_seed(row_seed(cfg.seed, "ppo-train", iteration, rank))  # dropout, if any
         timer, began = Timer(), time.perf_counter()
@@ -210,7 +215,7 @@ def run(cfg: PPOConfig) -> Path:
     progress.close()
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
         tracker.finish()
-    return finish(accelerator, run, models, early, metrics, counts, cfg)
+    return finish(accelerator, run, models, early, final_metrics(metrics, done, early, cfg.early_stop.metric), counts, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,7 +512,7 @@ def record_evaluation(accelerator, models: Models, held_out, early: EarlyStop, m
         metrics["eval_judge"] = judge
         note_trend(accelerator, early, metrics, metrics["eval_reward"], judge, done, cfg)
     value = judge if cfg.early_stop.metric == "judge" else metrics["eval_reward"]
-    return update_early_stop(early, value, done, accelerator, run, cfg)
+    return update_early_stop(early, value, metrics, done, accelerator, run, cfg)
 
 
 def note_trend(accelerator, early: EarlyStop, metrics: dict, proxy: float, judge: float, done: int, cfg: PPOConfig) -> None:
@@ -524,18 +529,36 @@ def note_trend(accelerator, early: EarlyStop, metrics: dict, proxy: float, judge
                           "models (keep an earlier checkpoint, raise ppo.beta, or set early_stop.metric: judge)")
 
 
-def update_early_stop(early: EarlyStop, reward: float, done: int, accelerator, run: StageRun, cfg: PPOConfig) -> bool:
-    """Record a held-out evaluation; checkpoint a new best; True when patience ran out."""
+def update_early_stop(early: EarlyStop, reward: float, metrics: dict, done: int, accelerator, run: StageRun,
+                      cfg: PPOConfig) -> bool:
+    """Record a held-out evaluation; checkpoint a new best (with its iteration's ``metrics``);
+    True when patience ran out."""
     if reward > early.best:
-        early.best, early.best_iteration, early.bad_evals = reward, done, 0
+        early.best, early.best_iteration, early.bad_evals, early.best_metrics = reward, done, 0, dict(metrics)
         save_checkpoint(accelerator, run.checkpoints / "best", done, keep=1)
         return False
     early.bad_evals += 1
     return cfg.early_stop.patience is not None and early.bad_evals >= cfg.early_stop.patience
 
 
+def final_metrics(metrics: dict[str, Any], last: int, early: EarlyStop, metric: str) -> dict[str, Any]:
+    """The manifest's final metrics: those of the policy saved in ``model/``. ``kept_iteration``
+    and ``kept_by`` (``early_stop.metric``, or ``last`` with nothing held out), then the metrics
+    of the kept iteration (its held-out ``eval_reward`` / ``eval_judge``, and the metrics of the
+    rollouts it trained on, sampled before its update, as ``metrics.jsonl`` logs them at its step;
+    iteration 0, the start policy, has only the held-out ones); ``last_iteration``
+    and, where the kept iteration is not the last, the last iteration's ``metrics`` as
+    ``last_NAME``."""
+    if early.best_iteration < 0 or early.best_iteration == last:
+        by = "last" if early.best_iteration < 0 else metric
+        return {"kept_iteration": last, "kept_by": by, **metrics, "last_iteration": last}
+    return {"kept_iteration": early.best_iteration, "kept_by": metric, **early.best_metrics, "last_iteration": last,
+            **{f"last_{key}": value for key, value in metrics.items()}}
+
+
 def finish(accelerator, run: StageRun, models: Models, early: EarlyStop, metrics, counts, cfg: PPOConfig) -> Path:
-    """Save ``model/`` (the policy: the best held-out one when evaluating) and ``critic/``."""
+    """Save ``model/`` (the policy: the best held-out one when evaluating) and ``critic/``; the
+    manifest's ``metrics`` (``final_metrics``) are the saved policy's."""
     if early.best_iteration >= 0:
         accelerator.load_state(str(latest_checkpoint(run.checkpoints / "best")))
     save_model(accelerator, models.policy, models.tokenizer, run.dir / "model", cfg.policy.lora, cfg.data.template)
