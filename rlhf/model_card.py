@@ -47,13 +47,15 @@ def settings(cfg: StageConfig) -> dict[str, Any]:
 
 
 def _inputs(cfg: StageConfig, inputs: dict[str, dict[str, str]]) -> dict[str, list[list[str]]]:
-    """Rows (key, absolute path, fingerprint) of the inputs: ``base`` (policies and model
+    """Rows (key, absolute path or hub id, fingerprint) of the inputs: ``base`` (policies and model
     directories it starts from), ``models`` (other stages it uses: reward models, pools) and
     ``data`` (files)."""
     found: dict[str, list[list[str]]] = {"base": [], "models": [], "data": []}
     for key, (path, kinds) in cfg.input_paths().items():
         group = "data" if not kinds else "base" if set(kinds) & set(POLICY_KINDS) else "models"
-        found[group].append([f"`{key}`", f"`{Path(path).resolve()}`", f"`{inputs.get(key, {}).get('fingerprint', '?')}`"])
+        record = inputs.get(key, {})
+        where = f"hub: {record['hub']}" if "hub" in record else Path(path).resolve()
+        found[group].append([f"`{key}`", f"`{where}`", f"`{record.get('fingerprint', '?')}`"])
     return found
 
 

@@ -54,6 +54,7 @@ def test_sft_trains_from_a_hub_model_id_recorded_by_id_and_commit(hub, tmp_path)
     assert manifest["inputs"]["model_from"] == {"hub": "tiny-org/tiny-llama", "revision": COMMIT, "fingerprint": COMMIT}
     trained, start = weights(tmp_path / "sft" / "model"), weights(hub)
     assert any(not torch.equal(trained[n], start[n]) for n in start)
+    assert f"| `model_from` | `hub: tiny-org/tiny-llama` | `{COMMIT}` |" in (tmp_path / "sft" / "model" / "README.md").read_text()
     # a second run finds the same commit in the cache: up to date, skipped
     assert main(["run", str(tmp_path / "sft.yaml")]) == 0
     assert read_manifest(tmp_path / "sft")["ended_at"] == manifest["ended_at"]
