@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart weekly test clean
 
 $(BIN)/rlhf: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,26 @@ install: $(BIN)/rlhf
 
 quickstart: install
 	$(BIN)/rlhf run recipes/quickstart.yaml
+
+# Three weekly rounds on the quickstart world's weekly preference batches (README "Weekly
+# rounds"): the quickstart's SFT policy, then per week `rlhf round add-batch` + `rlhf round run`
+# (both reward models retrained on all batches so far, rejection sampling from the previous
+# round's policy and pool; PPO on top in the third round). Re-running resumes where it stopped.
+WEEKS := data/world/weeks
+weekly: install $(WEEKS)/week3/safety_pairs.jsonl
+	$(BIN)/rlhf run recipes/quickstart/base.yaml
+	$(BIN)/rlhf run recipes/quickstart/sft.yaml
+	@for w in 1 2 3; do \
+	  recipe=recipes/quickstart/round.yaml; [ $$w = 3 ] && recipe=recipes/quickstart/round_ppo.yaml; \
+	  grep -qs '"status": "complete"' runs/weekly/rounds/00$$w/round.json && continue; \
+	  [ -d runs/weekly/batches/00$$w ] || $(BIN)/rlhf round add-batch runs/weekly \
+	    --helpfulness $(WEEKS)/week$$w/helpful_pairs.jsonl --safety $(WEEKS)/week$$w/safety_pairs.jsonl || exit 1; \
+	  $(BIN)/rlhf round run runs/weekly --recipe $$recipe || exit 1; \
+	done
+	$(BIN)/rlhf round status runs/weekly
+
+$(WEEKS)/week3/safety_pairs.jsonl: | $(BIN)/rlhf
+	$(BIN)/python -m rlhf.world.generate --out data/world --weekly --force
 
 test: install
 	$(BIN)/python -m pytest tests

@@ -36,15 +36,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def _round_dirs(root: Path) -> list[tuple[str, Path, list[str]]]:
-    """(label, pipeline dir, batch ids) of each round; a plain pipeline is one round."""
+def _round_dirs(root: Path) -> list[tuple[str, Path, list[str], str | None]]:
+    """(label, pipeline dir, batch ids, the stage whose output is the round's policy) of each
+    round; a plain pipeline is one round (without a round policy)."""
     if (root / "rounds").is_dir():
         found = []
         for path in sorted((root / "rounds").glob("[0-9][0-9][0-9]")):
             info = _read_json(path / "round.json") or {}
-            found.append((f"round {path.name}", path, info.get("batches", [])))
+            found.append((f"round {path.name}", path, info.get("batches", []), info.get("policy")))
         return found
-    return [(root.name, root, [])]
+    return [(root.name, root, [], None)]
 
 
 def _stages(round_dir: Path) -> list[tuple[str, Path, str]]:
@@ -99,8 +100,8 @@ def rm_summary(stage_dir: Path) -> dict[str, Any] | None:
             "pairs": evaluation.get("pairs"), "length_bias": evaluation.get("length_bias", {})}
 
 
-def round_summary(label: str, round_dir: Path, batches: list[str]) -> dict[str, Any]:
-    summary: dict[str, Any] = {"round": label, "dir": str(round_dir), "batches": batches,
+def round_summary(label: str, round_dir: Path, batches: list[str], policy: str | None = None) -> dict[str, Any]:
+    summary: dict[str, Any] = {"round": label, "dir": str(round_dir), "batches": batches, "policy": policy,
                                "stages": {}, "reward_models": {}, "policies": {}, "ppo": {}, "rejection_sampling": {}}
     for name, stage_dir, kind in _stages(round_dir):
         manifest = read_manifest(stage_dir) or {}
@@ -120,7 +121,30 @@ def round_summary(label: str, round_dir: Path, batches: list[str]) -> dict[str, 
 
 
 def collect(root: Path) -> dict[str, Any]:
-    return {"run": str(root), "rounds": [round_summary(*r) for r in _round_dirs(Path(root))]}
+    rounds = [round_summary(*r) for r in _round_dirs(Path(root))]
+    return {"run": str(root), "rounds": rounds, "progress": progress(rounds)}
+
+
+PROGRESS_KEYS = ("combined_reward", "judge_score")  # with the gold scores, per round
+
+
+def progress(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per round: its policy's scores on the held-out prompts (the proxy ``R_c`` under
+    that round's reward models, the judge, the gold judge), after a row for the policy round 1
+    started from (its evaluate stage's ``previous``). Rounds without a policy (a plain
+    pipeline) or not yet evaluated give none."""
+    rows = []
+    for i, rnd in enumerate(rounds):
+        if i == 0 and "previous" in rnd["policies"]:
+            rows.append(_progress_row("start", "previous", rnd["policies"]["previous"]))
+        if rnd.get("policy") in rnd["policies"]:
+            rows.append(_progress_row(rnd["round"], rnd["policy"], rnd["policies"][rnd["policy"]]))
+    return rows
+
+
+def _progress_row(label: str, policy: str, scores: dict[str, Any]) -> dict[str, Any]:
+    return {"round": label, "policy": policy, **{k: scores.get(k) for k in PROGRESS_KEYS},
+            "gold": scores.get("gold"), "gold_sampled": scores.get("gold_sampled")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +176,7 @@ SAMPLED_GOLD_COLUMNS = [(key, f"sampled {name.removeprefix('gold ')}") for key, 
 
 
 def markdown(summary: dict[str, Any], plots: list[str]) -> str:
-    lines = [f"# Progress report: {summary['run']}", ""]
+    lines = [f"# Progress report: {summary['run']}", ""] + _progress_lines(summary.get("progress", []))
     for rnd in summary["rounds"]:
         lines += [f"## {rnd['round']}", ""]
         if rnd["batches"]:
@@ -181,6 +205,16 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
             lines += _table(header, rows) + [""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _progress_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if len(rows) < 2:
+        return []
+    header = ["round", "policy", "R_c (its round's RMs)", "judge", *(h for _, h in GOLD_COLUMNS), "sampled helpfulness"]
+    table = [[r["round"], r["policy"], *(r[k] for k in PROGRESS_KEYS), *((r["gold"] or {}).get(k) for k, _ in GOLD_COLUMNS),
+              (r["gold_sampled"] or {}).get("helpfulness")] for r in rows]
+    return ["## Progress over rounds", "", "Each round's policy on the held-out prompts (the judge and the gold "
+            "judge score every round alike; R_c is under that round's own reward models):", ""] + _table(header, table) + [""]
 
 
 def _training_lines(rnd: dict[str, Any]) -> list[str]:
@@ -382,6 +416,26 @@ def gold_figure(policies: list[tuple[str, dict]]):
     return fig
 
 
+def progress_figure(rows: list[dict[str, Any]]):
+    """Gold helpfulness, gold safety and the judge of each round's policy (solid; the scores
+    every round shares) beside the proxy R_c (dashed: each round under its own reward models)."""
+    if len(rows) < 2:
+        return None
+    fig, ax = pyplot().subplots(figsize=(7, 4))
+    x = list(range(len(rows)))
+    curves = [("gold helpfulness", [(r["gold"] or {}).get("helpfulness") for r in rows], "o-"),
+              ("gold safety", [(r["gold"] or {}).get("safety") for r in rows], "s-"),
+              ("judge", [r["judge_score"] for r in rows], "^-"),
+              ("R_c (proxy)", [r["combined_reward"] for r in rows], "v--")]
+    for label, values, style in curves:
+        if any(v is not None for v in values):
+            ax.plot(x, [math.nan if v is None else v for v in values], style, label=label)
+    ax.set_xticks(x, [r["round"] for r in rows], fontsize=7)
+    ax.set_ylabel("score on held-out prompts"), ax.set_title("Progress over rounds (judge beside proxy)")
+    legend_outside(ax)
+    return fig
+
+
 def ppo_figures(rows: list[dict], kept: dict[str, Any] | None) -> dict[str, Any]:
     """``health``: PPO_HEALTH per iteration; ``overoptimization``: the proxy reward and the
     judge's score against the KL from the start policy. The kept iteration is marked."""
@@ -420,7 +474,8 @@ def _plots(summary: dict[str, Any], out: Path) -> list[str]:
     latest = summary["rounds"][-1] if summary["rounds"] else None
     policies = [(f"{r['round']}: {name}", p) for r in summary["rounds"] for name, p in r["policies"].items()]
     figures = {"rm_accuracy": rm_accuracy_figure(latest["reward_models"]) if latest and latest["reward_models"] else None,
-               "win_rates": win_rates_figure(policies), "gold": gold_figure(policies)}
+               "win_rates": win_rates_figure(policies), "gold": gold_figure(policies),
+               "rounds": progress_figure(summary.get("progress", []))}
     for rnd in summary["rounds"]:
         for name, ppo in rnd.get("ppo", {}).items():
             prefix = f"{rnd['round']}_{name}".replace(" ", "_")

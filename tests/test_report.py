@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from rlhf.report import (
-    gold_figure, markdown, ppo_figures, ppo_summary, pyplot, rm_accuracy_figure, round_summary, stage_summary,
+    gold_figure, markdown, ppo_figures, ppo_summary, progress_figure, pyplot, rm_accuracy_figure, round_summary, stage_summary,
     win_rates_figure, write_report,
 )
 from tiny import stage_dir
@@ -159,14 +159,16 @@ def crowded_policies() -> list[tuple[str, dict]]:
     return policies
 
 
-@pytest.mark.parametrize("figure", ["win_rates", "gold", "rm_accuracy", "ppo_health", "ppo_overoptimization"])
+@pytest.mark.parametrize("figure", ["win_rates", "gold", "rm_accuracy", "ppo_health", "ppo_overoptimization", "rounds"])
 def test_plots_keep_labels_apart_and_legends_off_the_points(tmp_path, figure):
     rows = [json.loads(line) for line in (ppo_dir(tmp_path / "ppo", [0.5, 0.6, 0.7, 0.55]) / "metrics.jsonl").read_text().splitlines()]
     reward_models = {name: {"per_rating": {r: {"accuracy": 0.95} for r in RATINGS}} for name in ("rm_helpfulness", "rm_safety")}
     build = {"win_rates": lambda: win_rates_figure(crowded_policies()), "gold": lambda: gold_figure(crowded_policies()),
              "rm_accuracy": lambda: rm_accuracy_figure(reward_models),
              "ppo_health": lambda: ppo_figures(rows, {"iteration": 2})["health"],
-             "ppo_overoptimization": lambda: ppo_figures(rows, {"iteration": 2})["overoptimization"]}
+             "ppo_overoptimization": lambda: ppo_figures(rows, {"iteration": 2})["overoptimization"],
+             "rounds": lambda: progress_figure([{"round": f"round {r:03d}", "judge_score": 0.7, "combined_reward": 0.5,
+                                                 "gold": {"helpfulness": 0.7, "safety": 0.9}} for r in range(1, 7)])}
     fig = build[figure]()
     try:
         assert overlapping_texts(fig) == []
@@ -202,3 +204,48 @@ def test_best_of_k_legend_is_off_the_curves(tmp_path, monkeypatch):
               for n in ("all", "helpfulness", "safety")}
     rs.plot_curves(tmp_path / "b.png", curves, "t")
     assert overlapping_texts(figs[0]) == [] and not legend_covers_axes(figs[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Weekly rounds: progress per round
+
+
+def round_dir(root: Path, number: int, policy: str, policies: dict[str, dict]) -> None:
+    """A finished round ``number`` whose round policy is the stage ``policy`` and whose evaluate
+    stage scored ``policies``."""
+    path = pipeline_dir(root / "rounds" / f"{number:03d}", {"evaluate": "evaluate"})
+    (path / "round.json").write_text(json.dumps({"batches": [f"{n:03d}" for n in range(1, number + 1)],
+                                                 "status": "complete", "policy": policy}))
+    stage_dir(path / "evaluate", "evaluate")
+    (path / "evaluate" / "eval").mkdir()
+    (path / "evaluate" / "eval" / "summary.json").write_text(json.dumps({"policies": policies, "baseline": "sft"}))
+
+
+def scores(r_c: float, helpfulness: float, safety: float = 1.0) -> dict:
+    return {"combined_reward": r_c, "judge_score": helpfulness - 0.1,
+            "gold": {"helpfulness": helpfulness, "safety": safety, "false_refusal": 0.0}}
+
+
+def test_the_report_shows_each_rounds_policy_after_the_start_policy(tmp_path):
+    root = tmp_path / "weekly"
+    round_dir(root, 1, "rejection_sampling", {"previous": scores(0.4, 0.70, 0.8), "rejection_sampling": scores(0.5, 0.72)})
+    round_dir(root, 2, "rejection_sampling", {"previous": scores(0.6, 0.72), "rejection_sampling": scores(0.7, 0.75)})
+    round_dir(root, 3, "ppo", {"previous": scores(0.6, 0.75), "rejection_sampling": scores(0.6, 0.76), "ppo": scores(0.65, 0.78)})
+    out = write_report(root)
+    progress = json.loads((out / "summary.json").read_text())["progress"]
+    assert [(r["round"], r["policy"], r["gold"]["helpfulness"]) for r in progress] == [
+        ("start", "previous", 0.70), ("round 001", "rejection_sampling", 0.72),
+        ("round 002", "rejection_sampling", 0.75), ("round 003", "ppo", 0.78)]
+    readme = (out / "README.md").read_text()
+    assert "| round 003 | ppo | 0.650 | 0.680 | 0.780 | 1.000 | 0.000 | – |" in readme
+    assert (out / "rounds.png").is_file()
+
+
+def test_a_plain_pipeline_has_no_progress_over_rounds(tmp_path):
+    root = pipeline_dir(tmp_path / "run", {"evaluate": "evaluate"})
+    stage_dir(root / "evaluate", "evaluate")
+    (root / "evaluate" / "eval").mkdir()
+    (root / "evaluate" / "eval" / "summary.json").write_text(json.dumps({"policies": {"sft": scores(0.4, 0.7)}}))
+    out = write_report(root)
+    assert json.loads((out / "summary.json").read_text())["progress"] == []
+    assert "Progress over rounds" not in (out / "README.md").read_text() and not (out / "rounds.png").exists()
