@@ -26,6 +26,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
+from rlhf.artifacts import InputError
 from rlhf.config import SamplingConfig
 from rlhf.data.chat import render_prompt
 from rlhf.data.records import Message
@@ -168,14 +169,37 @@ def pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def check_fits(prompt_lengths: Sequence[int], max_new_tokens: int, limit: int | None) -> None:
+    """An InputError unless the longest prompt plus ``max_new_tokens`` fits in ``limit``
+    positions (the model's ``max_position_embeddings``; None: no limit): past it a model reads
+    positions it was never trained on (RoPE extrapolates, silently). The whole prompt + response
+    counts, as the forwards over the samples (PPO's log-probs, the reward models) read it.
+
+    lengths [3, 5], 3 new tokens: limit 8 fits exactly; limit 7 -> "a prompt of 5 tokens + ... 3 = 8 exceeds ... 7"
+    """
+    longest = max(prompt_lengths, default=0)
+    if limit is None or longest + max_new_tokens <= limit:
+        return
+    raise InputError(
+        f"sampling: a prompt of {longest} tokens + sampling.max_new_tokens {max_new_tokens} = {longest + max_new_tokens} "
+        f"exceeds the model's max_position_embeddings {limit}; lower sampling.max_new_tokens (eval-gold: "
+        "--max-new-tokens) or use shorter prompts (rejection_sampling and ppo leave out prompts over "
+        "sampling.max_prompt_length; the other stages sample every prompt whole, gatt its dialogues of data.turns "
+        "and eval.turns user turns)")
+
+
 def sample(
     model: torch.nn.Module, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], seeds: Sequence[int],
     max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 64,
 ) -> Samples:
     """One response per row of ``prompt_ids`` (repeat a prompt K times for K samples, each
-    with its own seed): rows bucketed by prompt length, ``batch_size`` rows per ``generate``."""
+    with its own seed): rows bucketed by prompt length, ``batch_size`` rows per ``generate``;
+    an InputError first when a prompt + ``max_new_tokens`` would not fit in the model's
+    positions (``check_fits``)."""
+    lengths = [len(p) for p in prompt_ids]
+    check_fits(lengths, max_new_tokens, getattr(model.config, "max_position_embeddings", None))
     responses: list[list[int]] = [[] for _ in prompt_ids]
-    for bucket in length_buckets([len(p) for p in prompt_ids], batch_size):
+    for bucket in length_buckets(lengths, batch_size):
         out = generate(model, [prompt_ids[i] for i in bucket], [seeds[i] for i in bucket], max_new_tokens,
                        tokenizer.eos_token_id, pad_id(tokenizer), temperature, top_p)
         for i, response in zip(bucket, out.responses()):

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from rlhf.generation import draw, generate, left_pad, length_buckets, row_seed, sample, uniform_streams
-from tiny import tiny_llama
+from rlhf.artifacts import InputError
+from rlhf.generation import check_fits, draw, generate, left_pad, length_buckets, row_seed, sample, uniform_streams
+from tiny import tiny_llama, word_world
 
 EOS, PAD = 2, 0
 
@@ -99,3 +100,39 @@ def test_multiple_eos_ids(tiny_lm):
     out = generate(tiny_lm, PROMPTS, [5] * len(PROMPTS), 30, [EOS, 3, 4, 5], PAD)
     for r in out.responses():
         assert not set(r[:-1]) & {EOS, 3, 4, 5}
+
+
+def test_check_fits_hand_worked():
+    check_fits([3, 5], 3, 8)  # 5 + 3 = 8 positions: fits exactly
+    check_fits([3, 500], 300, None)  # a model without max_position_embeddings: no limit
+    check_fits([], 8, 8)
+    with pytest.raises(InputError) as err:
+        check_fits([3, 5], 3, 7)  # the longest prompt is one over
+    assert str(err.value).startswith("sampling: a prompt of 5 tokens + sampling.max_new_tokens 3 = 8 exceeds the "
+                                     "model's max_position_embeddings 7; lower sampling.max_new_tokens")
+    assert "sampling.max_prompt_length" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sample_past_the_models_positions_raises_before_generating():
+    model = tiny_llama(32, hidden_size=16, max_positions=8).eval()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    rows, seeds = [[1, 5, 6], [1, 5, 6, 7, 8, 9]], [0, 1]
+    assert len(sample(model, _Tok(), rows, seeds, max_new_tokens=2, temperature=0).response_ids) == 2  # 6 + 2 = 8
+    forwards.clear()
+    with pytest.raises(InputError, match="a prompt of 6 tokens \\+ sampling.max_new_tokens 3 = 9 exceeds the model's "
+                                         "max_position_embeddings 8"):
+        sample(model, _Tok(), rows, seeds, max_new_tokens=3, temperature=0)
+    assert forwards == []
+
+
+def test_eval_gold_past_the_models_positions_exits_2(tmp_path, capsys):
+    from rlhf.cli import main
+
+    world = word_world(tmp_path)  # a 256-position policy
+    capsys.readouterr()
+    assert main(["eval-gold", str(world / "base"), "--prompts", str(world / "prompts.jsonl"),
+                 "--max-new-tokens", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: sampling: a prompt of ") and "exceeds the model's max_position_embeddings 256" in err
+    assert len(err.strip().splitlines()) == 1
