@@ -237,9 +237,11 @@ def _outside_names(run: Path, cfg: RoundConfig, previous: dict | None) -> dict[s
     kind = (read_manifest(initial) or {}).get("stage", "hf")
     names = {"initial_policy": (kind, initial), "policy": (kind, initial)}
     if previous is not None:
+        # the stages the previous round named (its round.json), which a recipe given since,
+        # e.g. one that adds PPO, may name otherwise
         prev_dir = Path(previous["dir"])
-        for name, stage_name in (("policy", cfg.policy), ("pool", cfg.pool)):
-            if stage_name:
+        for name in ("policy", "pool"):
+            if stage_name := previous.get(name, getattr(cfg, name)):
                 manifest = read_manifest(prev_dir / stage_name) or {}
                 names[name] = (manifest.get("stage", "?"), prev_dir / stage_name)
     return names
@@ -334,7 +336,8 @@ def _run_round(run: Path, recipe: Path | None, overrides: list[str]) -> Path:
         run_stage(stage_cfg, f"round {plan.dir.name} / {name}")
     if is_main_process():
         info = json.loads(info_path.read_text())
-        write_json_atomic(info_path, {**info, "status": "complete", "ended_at": now(), "policy": plan.cfg.policy})
+        write_json_atomic(info_path, {**info, "status": "complete", "ended_at": now(), "policy": plan.cfg.policy,
+                                    "pool": plan.cfg.pool})
         from rlhf.report import write_report
 
         write_report(Path(run))

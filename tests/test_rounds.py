@@ -56,6 +56,23 @@ def test_rounds_retrain_on_all_batches_and_chain_policies(world, echo_stage):
     assert (run / "report" / "summary.json").exists() and (run / "report" / "README.md").exists()
 
 
+def test_a_recipe_that_adds_a_stage_starts_from_the_previous_rounds_policy(world, echo_stage):
+    """Round 2 given a recipe whose policy is a new last stage (e.g. PPO on top of rejection
+    sampling): its stages start from round 1's policy, the stage round 1 named."""
+    run = world / "run"
+    add_batch(run, {"helpfulness": world / "week1.jsonl"})
+    run_round(run, world / "round.yaml")
+    extended = (world / "round.yaml").read_text().replace("policy: rl\n", "policy: polish\n") + (
+        "  - name: polish\n    config: {stage: echo, message: f}\n    inputs: {upstream: rl}\n")
+    (world / "round_polish.yaml").write_text(extended)
+    add_batch(run, {"helpfulness": world / "week2.jsonl"})
+    run_round(run, world / "round_polish.yaml")  # before: "expects the output of ..., got a '?' stage"
+    r2 = run / "rounds" / "002"
+    assert (r2 / "rl" / "out.txt").read_text() == "p+p+sft"  # from round 1's rl, not a round-1 "polish"
+    assert (r2 / "polish" / "out.txt").read_text() == "f+p+p+sft"
+    assert [(r["policy"], r["pool"]) for r in list_rounds(run)] == [("rl", "rl"), ("polish", "rl")]
+
+
 def test_stored_batches_are_immutable_copies(world):
     run = world / "run"
     batch = add_batch(run, {"helpfulness": world / "week1.jsonl"})
