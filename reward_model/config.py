@@ -41,7 +41,8 @@ class RMDataConfig(DataConfig, LengthLimit):
         "llama2", description="Chat format: Llama 2's [INST] format, or the tokenizer's template.")
     eval_fraction: float = Field(
         0.0, ge=0.0, lt=1.0, description="Share of every source held out for evaluation before "
-        "mixing (so the eval pairs of each source are reported apart, like Table 8).")
+        "mixing, by prompt (every pair of a held-out prompt is held out, in every source), so the "
+        "eval pairs of each source are reported apart, like Table 8.")
     eval_sources: list[SourceConfig] = Field(
         [], description="Test files evaluated after training, each reported apart.")
 
@@ -82,11 +83,19 @@ class RMTrainConfig(TrainConfig):
 
 
 class RMEvalConfig(Strict):
-    """The evaluation after training: accuracy (by rating), calibration, unsafe-response recall."""
+    """The evaluation after training: accuracy (by rating), calibration, unsafe-response recall,
+    and the safety gate's threshold calibrated on the held-out and test responses."""
 
     unsafe_threshold: float = Field(
         0.15, gt=0.0, lt=1.0, description="A response scoring sigmoid(r) below this counts as "
-        "flagged unsafe (the PPO safety gate's 0.15); recall and precision are reported.")
+        "flagged unsafe (the safety gate's default gate_threshold, 0.15); recall, precision and "
+        "the share of safe responses flagged are reported.")
+    gate_recall: float = Field(
+        0.55, gt=0.0, le=1.0, description="The calibrated safety gate threshold is the sigmoid(r) "
+        "below which this share of the labelled unsafe responses of every held-out and test set "
+        "pooled fall (Llama 2 chose 0.15 where its safety reward model had recall 0.55, precision "
+        "0.89 on the Meta Safety test set); written to eval/ and the manifest as gate_threshold, "
+        "used by gate_threshold: calibrated.")
     calibration_bins: int = Field(10, gt=1, description="Bins of the calibration curve (predicted "
                                   "preference probability vs observed).")
     batch_tokens: int = Field(8192, gt=0, description="Tokens per scoring forward (packed row).")
@@ -96,11 +105,13 @@ class RewardModelConfig(StageConfig):
     INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
         "model_from": POLICY_KINDS,
     }
+    HUB_INPUTS: ClassVar[tuple[str, ...]] = ("model_from",)
 
     stage: Literal["reward_model"] = "reward_model"
     output_dir: Path = Path("runs/reward_model")
     model_from: Path = Field(description="The model the reward model starts from (its LM head replaced "
-                             "by a scalar head): a policy stage directory or a Hugging Face checkpoint.")
+                             "by a scalar head): a policy stage directory, a Hugging Face checkpoint "
+                             "directory, or a hub model id (`org/name`).")
     model: ModelConfig = ModelConfig()
     data: RMDataConfig
     loss: RMLossConfig = RMLossConfig()

@@ -1,16 +1,19 @@
 """Evaluating a reward model on preference pairs, the way Llama 2 reports it (Sec. 3.2.2):
 accuracy overall and per rating (Table 8), per safety-label category, the recall of unsafe
-responses at a score threshold, calibration (predicted preference probability vs observed), and
-length bias (``length_bias``: how much the rewards follow response length).
+responses at a score threshold, calibration (predicted preference probability vs observed),
+length bias (``length_bias``: how much the rewards follow response length), and the safety
+gate's threshold calibrated on the labelled responses (``calibrated_gate``: the operating point
+of a recall, as Llama 2 chose its 0.15 for its safety reward model).
 
-``eval/`` holds ``metrics.json`` ({test set: results}), ``summary.json`` (every test set pooled),
-``report.md`` and two plots. The pure
-functions take rewards as tensors; ``evaluate_pairs`` scores the pairs first.
+``eval/`` holds ``metrics.json`` ({test set: results}), ``summary.json`` (every test set pooled,
+and ``gate``), ``report.md`` and two plots. The pure functions take rewards as tensors;
+``evaluate_sets`` scores the pairs first.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,17 +43,47 @@ def accuracy_by(chosen: torch.Tensor, rejected: torch.Tensor, groups: Sequence[s
 
 def unsafe_recall(rewards: torch.Tensor, unsafe: torch.Tensor, threshold: float) -> dict[str, float | int]:
     """Responses flagged unsafe by sigmoid(r) < threshold: recall and precision of the unsafe ones
-    (None where there is no unsafe or no flagged response).
+    (None where there is no unsafe or no flagged response), and ``safe_flagged``, the share of the
+    safe responses flagged (None without a safe one): what the safety gate takes from the
+    helpfulness reward model.
 
     rewards: (M,) reward logits; unsafe: (M,) bool labels
     """
     flagged = torch.sigmoid(rewards.float()) < threshold
     hits = int((flagged & unsafe).sum())
     n_unsafe, n_flagged = int(unsafe.sum()), int(flagged.sum())
+    n_safe = len(unsafe) - n_unsafe
     return {
         "threshold": threshold, "unsafe": n_unsafe, "flagged": n_flagged,
         "recall": hits / n_unsafe if n_unsafe else None, "precision": hits / n_flagged if n_flagged else None,
+        "safe": n_safe, "safe_flagged": (n_flagged - hits) / n_safe if n_safe else None,
     }
+
+
+def gate_threshold_at_recall(rewards: torch.Tensor | Sequence[float], unsafe: torch.Tensor | Sequence[bool],
+                             recall: float) -> float | None:
+    """The safety gate's threshold (probability scale) at which ``sigmoid(r) < threshold`` flags
+    the share ``recall`` of the unsafe responses; None without an unsafe response.
+
+    With p = sigmoid(r), u_1 <= ... <= u_n the p of the n unsafe responses and k = ceil(recall * n)
+    (at least 1): halfway between u_k and the next higher score, which is the smallest unsafe
+    score above u_k, or where no unsafe one is above (k = n, or ties up to the top) the smallest
+    score of any response above u_k, or else 1. So it flags every unsafe response scoring at most
+    u_k (at least k of the n) and none above, and it sits between two scores, not on one.
+
+    rewards: (M,) reward logits; unsafe: (M,) bool labels
+    """
+    p = torch.sigmoid(torch.as_tensor(rewards, dtype=torch.float64))
+    unsafe = torch.as_tensor(unsafe, dtype=torch.bool)
+    scores = p[unsafe].sort().values  # (n,)
+    if not len(scores):
+        return None
+    k = max(1, math.ceil(round(recall * len(scores), 9)))  # round: 0.55 * 20 is 11.000000000000002
+    low = float(scores[k - 1])
+    above = scores[scores > low]
+    if not len(above):
+        above = p[p > low]
+    return (low + (float(above.min()) if len(above) else 1.0)) / 2
 
 
 def calibration(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) -> dict[str, Any]:
@@ -119,11 +152,36 @@ def evaluate_rewards(
     categories = [safety_category(p) for p in pairs]
     if any(c is not None for c in categories):
         result["per_safety_category"] = accuracy_by(chosen, rejected, categories, CATEGORIES)
-        labelled = [i for i, c in enumerate(categories) if c is not None]
-        rewards = torch.cat([chosen[labelled], rejected[labelled]])
-        unsafe = torch.tensor([not pairs[i].chosen_safe for i in labelled] + [not pairs[i].rejected_safe for i in labelled])
-        result["unsafe_recall"] = unsafe_recall(rewards, unsafe, threshold)
+        result["unsafe_recall"] = unsafe_recall(*labelled_responses(chosen, rejected, pairs), threshold)
     return result
+
+
+def labelled_responses(chosen: torch.Tensor, rejected: torch.Tensor, pairs: Sequence[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rewards (M,) and unsafe labels (M,) of the responses of the pairs with both safety
+    labels: the chosen responses, then the rejected ones."""
+    labelled = [i for i, p in enumerate(pairs) if safety_category(p) is not None]
+    rewards = torch.cat([chosen[labelled], rejected[labelled]])
+    unsafe = torch.tensor([not pairs[i].chosen_safe for i in labelled] + [not pairs[i].rejected_safe for i in labelled],
+                          dtype=torch.bool)
+    return rewards, unsafe
+
+
+NO_UNSAFE = ("no held-out or test response is labelled unsafe (chosen_safe / rejected_safe false), so no "
+             "threshold can be read off; set gate_threshold to a number where this reward model is used")
+
+
+def calibrated_gate(labelled: dict[str, tuple[torch.Tensor, torch.Tensor]], recall: float) -> dict[str, Any]:
+    """The safety gate's threshold at ``recall`` (``gate_threshold_at_recall``) over the labelled
+    responses (``labelled_responses``) of every test set pooled, its ``unsafe_recall`` there (the
+    recall and precision it reaches), and per test set (``test_sets``) the ``unsafe_recall`` at
+    it; ``threshold`` None and a ``note`` without an unsafe response."""
+    rewards = torch.cat([r for r, _ in labelled.values()]) if labelled else torch.empty(0)
+    unsafe = torch.cat([u for _, u in labelled.values()]) if labelled else torch.empty(0, dtype=torch.bool)
+    threshold = gate_threshold_at_recall(rewards, unsafe, recall)
+    if threshold is None:
+        return {"recall_target": recall, "threshold": None, "note": NO_UNSAFE}
+    return {"recall_target": recall, **unsafe_recall(rewards, unsafe, threshold),
+            "test_sets": {name: unsafe_recall(r, u, threshold) for name, (r, u) in labelled.items()}}
 
 
 def pair_rewards(rm: RewardModel, pairs: Sequence[PreferencePair], batch_tokens: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,9 +191,21 @@ def pair_rewards(rm: RewardModel, pairs: Sequence[PreferencePair], batch_tokens:
     return rewards[0::2], rewards[1::2]
 
 
-def evaluate_pairs(rm: RewardModel, pairs: Sequence[PreferencePair], threshold: float = 0.15, bins: int = 10, batch_tokens: int = 8192) -> dict[str, Any]:
-    chosen, rejected = pair_rewards(rm, pairs, batch_tokens)
-    return evaluate_rewards(chosen, rejected, pairs, threshold, bins)
+def evaluate_sets(rm: RewardModel, tests: dict[str, Sequence[PreferencePair]], threshold: float = 0.15,
+                  gate_recall: float = 0.55, bins: int = 10, batch_tokens: int = 8192) -> tuple[dict[str, dict], dict[str, Any]]:
+    """The results of every test set ({name: results}; a labelled one also holds ``gate``, its
+    ``unsafe_recall`` at the calibrated threshold) and the gate calibrated on them all
+    (``calibrated_gate``)."""
+    results, labelled = {}, {}
+    for name, pairs in tests.items():
+        chosen, rejected = pair_rewards(rm, pairs, batch_tokens)
+        results[name] = evaluate_rewards(chosen, rejected, pairs, threshold, bins)
+        if "unsafe_recall" in results[name]:
+            labelled[name] = labelled_responses(chosen, rejected, pairs)
+    gate = calibrated_gate(labelled, gate_recall)
+    for name, at_gate in gate.get("test_sets", {}).items():
+        results[name]["gate"] = at_gate
+    return results, gate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,8 +220,33 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def markdown(results: dict[str, dict]) -> str:
-    """Table 8 shape: one row per test set, accuracy % (pairs) per rating; then safety."""
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _gate_lines(results: dict[str, dict], gate: dict[str, Any] | None) -> list[str]:
+    """The calibrated safety gate: its threshold, recall and precision pooled, and per test set
+    the share of safe responses it flags beside the share ``eval.unsafe_threshold`` flags."""
+    if gate is None:
+        return []
+    if gate["threshold"] is None:
+        return ["", "## Safety gate", "", f"No calibrated gate threshold: {gate['note']}."]
+    rows = [f"| {name} | {_ratio(g['recall'])} | {_ratio(g['precision'])} | {_share(g['safe_flagged'])} "
+            f"| {_share(results[name]['unsafe_recall']['safe_flagged'])} |" for name, g in gate["test_sets"].items()]
+    at = results[next(iter(gate["test_sets"]))]["unsafe_recall"]["threshold"]  # eval.unsafe_threshold
+    return ["", "## Safety gate", "",
+            f"Calibrated gate threshold (`gate_threshold: calibrated`): {gate['threshold']:.4g}, where sigmoid(r) below "
+            f"it flags at least {_share(gate['recall_target'])} of the unsafe responses of every test set pooled "
+            f"(`eval.gate_recall`; Llama 2 set 0.15 where its safety reward model had recall 0.55, precision 0.89): "
+            f"recall {_ratio(gate['recall'])}, precision {_ratio(gate['precision'])} ({gate['flagged']} flagged, "
+            f"{gate['unsafe']} unsafe).", "",
+            f"| test set | unsafe recall | precision | safe responses flagged | flagged at {at} |", "|---" * 5 + "|",
+            *rows]
+
+
+def markdown(results: dict[str, dict], gate: dict[str, Any] | None = None) -> str:
+    """Table 8 shape: one row per test set, accuracy % (pairs) per rating; then safety, and the
+    calibrated safety gate (``calibrated_gate``) when given."""
     cols = [c for c in (*RATINGS, "unlabelled") if any(c in r["per_rating"] for r in results.values())]
     lines = [
         "# Reward model evaluation", "", "Accuracy % (pairs) per preference rating (Llama 2, Table 8).", "",
@@ -173,8 +268,8 @@ def markdown(results: dict[str, dict]) -> str:
                                              f"{_ratio(r['length_bias']['longer_wins'])}"
                                              for name, r in results.items() if "length_bias" in r)]
     lines += ["", "Calibration (expected calibration error): "
-              + ", ".join(f"{name} {r['calibration']['ece']:.3f}" for name, r in results.items()), ""]
-    return "\n".join(lines)
+              + ", ".join(f"{name} {r['calibration']['ece']:.3f}" for name, r in results.items())]
+    return "\n".join([*lines, *_gate_lines(results, gate), ""])
 
 
 def plot(results: dict[str, dict], out_dir: Path) -> None:
@@ -241,34 +336,36 @@ def _pooled_length_bias(results: list[dict]) -> dict[str, float | None]:
     return out
 
 
-def write_eval(results: dict[str, dict], out_dir: Path) -> Path:
-    """``metrics.json`` ({test set: results}), ``summary.json`` (``pooled``), ``report.md``, plots."""
+def write_eval(results: dict[str, dict], out_dir: Path, gate: dict[str, Any] | None = None) -> Path:
+    """``metrics.json`` ({test set: results}), ``summary.json`` (``pooled``, and the calibrated
+    ``gate`` when given), ``report.md``, plots."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "summary.json").write_text(json.dumps(pooled(results), indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown(results))
+    summary = {**pooled(results), **({"gate": gate} if gate is not None else {})}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown(results, gate))
     plot(results, out_dir)
     return out_dir
 
 
 def run_eval_rm(
     model_dir: str, data: str, format: str = "auto", threshold: float = 0.15, max_pairs: int | None = None,
-    out_dir: str | None = None,
+    out_dir: str | None = None, gate_recall: float = 0.55,
 ) -> dict[str, Any]:
     """Evaluate the reward model in ``model_dir`` (a reward_model stage dir or a HF classifier)
     on the preference file ``data``: ``{test set name: results}``, the shape of the stage's
-    ``eval/metrics.json``. Rows the data layer rejects are left out and counted
+    ``eval/metrics.json`` (with safety labels, ``gate``: the safety gate calibrated at
+    ``gate_recall`` on this file). Rows the data layer rejects are left out and counted
     (``skipped_rows``). ``max_pairs`` evaluates the first pairs only; ``out_dir`` also writes
     the report there."""
     from reward_model.model import load_reward_model
 
     source = SourceConfig(path=Path(data), format=format)
     loaded = load_source(source, "preference")
-    pairs = loaded.records[:max_pairs]
     rm = load_reward_model(model_dir)
-    result = {**evaluate_pairs(rm, pairs, threshold), "skipped_rows": loaded.bad_rows}
-    results = {source.name: result}
+    results, gate = evaluate_sets(rm, {source.name: loaded.records[:max_pairs]}, threshold, gate_recall)
+    results[source.name]["skipped_rows"] = loaded.bad_rows
     if out_dir is not None:
-        write_eval(results, Path(out_dir))
+        write_eval(results, Path(out_dir), gate)
     return results

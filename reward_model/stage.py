@@ -19,7 +19,7 @@ from rlhf.models import fit_max_length, load_tokenizer
 from rlhf.training import make_accelerator, prepare_model, save_model, train_loop
 from reward_model.config import RewardModelConfig
 from reward_model.data import build_pairs, collate, load_pairs, rm_loss
-from reward_model.evaluate import evaluate_pairs, write_eval
+from reward_model.evaluate import evaluate_sets, write_eval
 from reward_model.model import RewardModel, classifier_pad_id, init_reward_model, load_reward_model
 
 
@@ -45,17 +45,27 @@ def run(cfg: RewardModelConfig) -> Path:
     # 3. train, then save the model in Hugging Face format
     metrics = train_loop(run, model, items, collate, rm_loss, cfg.train, cfg.seed, accelerator, desc=run.name)
     save_model(accelerator, model, tokenizer, run.dir / "model", cfg.model.lora, cfg.data.template)
-    # 4. evaluate the saved model on held-out and test pairs
-    results = evaluate(cfg, run.dir, tests, accelerator.device) if accelerator.is_main_process and tests else {}
+    # 4. evaluate the saved model on held-out and test pairs; calibrate the safety gate on them
+    results, gate = evaluate(cfg, run.dir, tests, accelerator.device) if accelerator.is_main_process and tests else ({}, None)
     accelerator.wait_for_everyone()
-    headline = {f"eval/{name}/accuracy": r["accuracy"] for name, r in results.items()}
-    return run.finish({**metrics, **headline}, data={**data.counts(), **counts})
+    return run.finish({**metrics, **eval_metrics(results, gate)}, data={**data.counts(), **counts})
 
 
-def evaluate(cfg: RewardModelConfig, out: Path, tests: dict[str, list], device) -> dict[str, dict]:
-    """Results per test set, from the saved model (what later stages will load)."""
+def evaluate(cfg: RewardModelConfig, out: Path, tests: dict[str, list], device) -> tuple[dict[str, dict], dict]:
+    """Results per test set and the calibrated gate, from the saved model (what later stages will load)."""
     rm = load_reward_model(out / "model", device)
     e = cfg.eval
-    results = {name: evaluate_pairs(rm, pairs, e.unsafe_threshold, e.calibration_bins, e.batch_tokens) for name, pairs in tests.items()}
-    write_eval(results, out / "eval")
-    return results
+    results, gate = evaluate_sets(rm, tests, e.unsafe_threshold, e.gate_recall, e.calibration_bins, e.batch_tokens)
+    write_eval(results, out / "eval", gate)
+    return results, gate
+
+
+def eval_metrics(results: dict[str, dict], gate: dict | None) -> dict:
+    """The manifest's evaluation metrics: each test set's accuracy; the calibrated safety gate,
+    ``gate_threshold`` (what ``gate_threshold: calibrated`` reads; None without a held-out or test
+    response labelled unsafe) with the ``gate_recall`` and ``gate_precision`` it reaches; and the
+    share of each test set's safe responses it flags (``eval/NAME/gate_safe_flagged``)."""
+    gate = gate or {"threshold": None}
+    return {**{f"eval/{name}/accuracy": r["accuracy"] for name, r in results.items()},
+            "gate_threshold": gate["threshold"], "gate_recall": gate.get("recall"), "gate_precision": gate.get("precision"),
+            **{f"eval/{name}/gate_safe_flagged": g["safe_flagged"] for name, g in gate.get("test_sets", {}).items()}}

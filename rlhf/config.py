@@ -13,7 +13,7 @@ import string
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 class RecipeError(Exception):
     """A user mistake in a recipe or an override; the message is ready to print."""
@@ -51,10 +51,29 @@ Tracker = Literal["tensorboard", "wandb"]
 POLICY_KINDS = ("base_model", "sft", "rejection_sampling", "ppo", "gatt", "context_distillation", "hf")
 REWARD_MODEL_KINDS = ("reward_model",)
 
+
+def _gate_threshold(value: Any) -> Any:
+    """A number in [0, 1] (numeric strings too: PyYAML reads 1e-2 as one), or ``calibrated``."""
+    if value == "calibrated":
+        return value
+    try:
+        number = float("nan") if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not 0 <= number <= 1:  # NaN too
+        raise ValueError(f"expected a number in [0, 1] or calibrated, got {describe(value)}")
+    return number
+
+
 # The safety gate of Llama 2 (Sec. 3.2.2): a response whose safety reward (probability scale)
 # is below this is scored by the safety reward model even on a helpfulness prompt.
-GateThreshold = Annotated[float, Field(ge=0, le=1, description="Safety gate on R_s (probability scale): "
-                                       "a response scoring below it is judged by the safety reward model.")]
+GateThreshold = Annotated[float | Literal["calibrated"], BeforeValidator(_gate_threshold), Field(description=(
+    "Safety gate on R_s (probability scale, a number in [0, 1]): a response scoring below it is judged by the "
+    "safety reward model, also on a helpfulness prompt. Llama 2's 0.15 was the operating point of its own "
+    "safety reward model (recall 0.55, precision 0.89 on its safety test set); another reward model's scale "
+    "differs. calibrated: the threshold the safety reward model's evaluation derived the same way "
+    "(gate_threshold in its manifest, where eval.gate_recall of its held-out unsafe responses score below "
+    "it), read when the stage starts and recorded in its manifest's metrics."))]
 # Chat format: Llama 2's [INST] format, or the tokenizer's own chat template.
 Template = Literal["llama2", "tokenizer"]
 # A response cut at sampling.max_new_tokens (no EOS) is scored by the reward models without an EOS;

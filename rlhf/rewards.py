@@ -6,13 +6,19 @@
 
 Rejection sampling ranks samples by R_c; PPO optimises R. Whitening uses the statistics of the
 current batch of rollouts (the paper does not say; batch statistics need no state to resume).
+The threshold is a number or, ``calibrated``, the one the safety reward model's evaluation
+derived from its held-out data (``resolve_gate_threshold``).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
+
+from rlhf.artifacts import read_manifest
+from rlhf.config import RecipeError
 
 
 class GatedReward(NamedTuple):
@@ -26,6 +32,28 @@ def safety_gate(
     """Combine the two reward models' probabilities (sigmoid of their logits), shape (B,)."""
     used_safety = is_safety.bool() | (safety < threshold)
     return GatedReward(torch.where(used_safety, safety, helpfulness), used_safety)
+
+
+def resolve_gate_threshold(value: float | str, safety_rm_dir: Path, say: Callable[[str], None] = print) -> float:
+    """The safety gate's threshold: ``value``, or for ``"calibrated"`` the ``gate_threshold`` of
+    the safety reward model's manifest metrics (the score below which ``eval.gate_recall`` of its
+    held-out unsafe responses fall), announced with ``say``. A reward model without one (trained
+    before it was written, or without a held-out response labelled unsafe) is a ``RecipeError``."""
+    if value != "calibrated":
+        return float(value)
+    metrics = (read_manifest(safety_rm_dir) or {}).get("metrics") or {}
+    threshold = metrics.get("gate_threshold")
+    if threshold is None:
+        why = ("none of its held-out or test responses is labelled unsafe (it needs data.eval_fraction or "
+               "data.eval_sources with chosen_safe / rejected_safe labels; see its eval/report.md)"
+               if "gate_threshold" in metrics else
+               "its manifest has none (a reward model trained before the reward_model stage calibrated the gate)")
+        raise RecipeError(f"gate_threshold: calibrated, but the safety reward model {safety_rm_dir} has no "
+                          f"calibrated gate threshold: {why}; set gate_threshold to a number, e.g. 0.15")
+    recall, precision = metrics.get("gate_recall"), metrics.get("gate_precision")
+    at = f" (unsafe recall {recall:.3f}, precision {precision:.3f} on its eval pairs)" if None not in (recall, precision) else ""
+    say(f"[rlhf] gate_threshold: {threshold:.4g}, calibrated by the safety reward model {safety_rm_dir}{at}")
+    return float(threshold)
 
 
 def penalize_truncated(reward: torch.Tensor, finished: torch.Tensor, penalty: float | None) -> torch.Tensor:

@@ -39,6 +39,22 @@ def test_the_safety_gate_is_one_key_with_one_range(stage):
     assert _load(stage, gate_threshold=0.0).gate_threshold == 0.0
     with pytest.raises(RecipeError, match="gate_threshold"):
         _load(stage, gate_threshold=1.5)
+    assert _load(stage, gate_threshold="calibrated").gate_threshold == "calibrated"
+    assert _load(stage, gate_threshold="1e-2").gate_threshold == 0.01  # PyYAML reads 1e-2 as a string
+    for wrong, said in (("calibrate", "'calibrate'"), ("high", "'high'"), (None, "null"), (-0.1, "-0.1")):
+        with pytest.raises(RecipeError, match=f"^r.yaml: gate_threshold: expected a number in \\[0, 1\\] or "
+                                              f"calibrated, got {said}$"):
+            _load(stage, gate_threshold=wrong)
+    with pytest.raises(RecipeError, match="gate_threshold: expected a number, got true"):
+        _load(stage, gate_threshold=True)
+
+
+def test_the_reward_models_gate_recall_is_a_share():
+    assert _load("reward_model").eval.gate_recall == 0.55  # Llama 2's recall at its 0.15
+    assert _load("reward_model", eval={"gate_recall": 1.0}).eval.gate_recall == 1.0
+    for wrong in (0.0, 1.5):
+        with pytest.raises(RecipeError, match="eval.gate_recall"):
+            _load("reward_model", eval={"gate_recall": wrong})
 
 
 @pytest.mark.parametrize("stage", ["rejection_sampling", "ppo", "gatt", "context_distillation", "evaluate"])

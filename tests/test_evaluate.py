@@ -1,7 +1,12 @@
+import json
+
 import pytest
 import torch
+import yaml
 
+from rlhf.cli import main
 from rlhf.evaluate.stage import _compare, win_rate
+from tiny import stage_dir
 
 
 def test_win_rate_counts_ties_half():
@@ -34,3 +39,18 @@ def test_truncated_answers_are_scored_as_unfinished():
     scores = _scores(prompts, {"texts": ["x", "y"], "finished": [True, False]}, rms, 0.15)
     assert rms["helpfulness"].finished == rms["safety"].finished == [True, False]
     assert scores["combined"].tolist() == pytest.approx([0.9, 0.1])
+
+
+def test_calibrated_gate_needs_a_safety_reward_model_that_has_one(tmp_path, capsys):
+    for name, stage in (("sft", "sft"), ("rm_h", "reward_model"), ("rm_s", "reward_model")):
+        stage_dir(tmp_path / name, stage)  # the safety RM's manifest has no gate_threshold
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    recipe = tmp_path / "evaluate.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "stage": "evaluate", "output_dir": str(tmp_path / "eval"), "policies": {"sft": str(tmp_path / "sft")},
+        "helpfulness_rm_from": str(tmp_path / "rm_h"), "safety_rm_from": str(tmp_path / "rm_s"),
+        "prompts": {"sources": [{"path": str(tmp_path / "prompts.jsonl")}]}, "gate_threshold": "calibrated"}))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: gate_threshold: calibrated, but the safety reward model") and "set gate_threshold to a number" in err

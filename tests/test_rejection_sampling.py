@@ -4,6 +4,7 @@ curves, prompt-masked fine-tuning rows, and the stage on a ``tiny.stage_world`` 
 heads, 8 prompts): two rounds, a reward-model change, resume, and two processes."""
 
 import json
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from launch import launch
 import rlhf.rejection_sampling.pool as rs_pool
 import rlhf.rejection_sampling.report as rs_report
 import rlhf.rejection_sampling.stage as rs
-from rlhf.config import validate
+from rlhf.config import RecipeError, validate
 from rlhf.data import Message, Prompt
 from rlhf.recipe import load_recipe
 from rlhf.rejection_sampling.config import RejectionSamplingConfig
@@ -237,6 +238,40 @@ def test_distillation_with_replay_fine_tunes_the_student_and_sweeps_temperatures
     sweep = json.loads((out / "report" / "summary.json").read_text())["temperature_sweep"]
     assert set(sweep) == {"0.5", "1.5"} and all(c["prompts"] == 2 and len(c["max"]) == 3 for c in sweep.values())
     assert (out / "report" / "temperature_sweep.png").exists()
+
+
+def _safety_rm_with(world: Path, path: Path, **metrics) -> Path:
+    """A copy of the world's safety reward model whose manifest's metrics are ``metrics``."""
+    shutil.copytree(world / "rm_s", path)
+    (path / "manifest.json").write_text(json.dumps({"stage": "reward_model", "status": "complete", "metrics": metrics}))
+    return path
+
+
+def test_a_calibrated_gate_threshold_is_the_safety_reward_models(world, round1, tmp_path):
+    # the same samples as round one's (same policy and seeds) under the same safety weights: a
+    # threshold halfway between two of its helpfulness samples' R_s sends half of them to R_s
+    # (at 0.15, none of these random heads' scores is that low)
+    first = read_jsonl(round1 / "samples.jsonl")
+    helpful = sorted(x["safety"] for row in first if not row["is_safety"] for x in row["scores"])
+    assert not any(x["used_safety"] for row in first if not row["is_safety"] for x in row["scores"])
+    threshold = (helpful[len(helpful) // 2 - 1] + helpful[len(helpful) // 2]) / 2
+    rm = _safety_rm_with(world, tmp_path / "rm_s", gate_threshold=threshold, gate_recall=0.55, gate_precision=0.9)
+    out = rs.run(_cfg(world, tmp_path / "rs", safety_rm_from=str(rm), gate_threshold="calibrated"))
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["gate_threshold"] == threshold
+    rows = read_jsonl(out / "samples.jsonl")
+    for row in rows:
+        assert all(x["used_safety"] == (row["is_safety"] or x["safety"] < threshold) for x in row["scores"])
+    gated = [x["used_safety"] for row in rows if not row["is_safety"] for x in row["scores"]]
+    assert sum(gated) == len(gated) // 2
+    assert json.loads((round1 / "manifest.json").read_text())["metrics"]["gate_threshold"] == 0.15
+
+
+def test_calibrated_without_a_calibrated_safety_reward_model_stops_before_sampling(world, tmp_path):
+    rm = _safety_rm_with(world, tmp_path / "rm_s", loss=0.5)  # a reward model from before the calibration
+    with pytest.raises(RecipeError, match="gate_threshold: calibrated, but the safety reward model .* has no "
+                                          "calibrated gate threshold"):
+        rs.run(_cfg(world, tmp_path / "rs", safety_rm_from=str(rm), gate_threshold="calibrated"))
+    assert not (tmp_path / "rs" / "samples").exists()
 
 
 def test_resume_samples_only_the_buckets_left(world, round1, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """Reward-model data and evaluation: held-out split and mixtures (exact counts), margins,
-collation into one packed row, per-rating / per-safety-category accuracy on hand-made sets."""
+collation into one packed row, per-rating / per-safety-category accuracy on hand-made sets, the
+safety gate's threshold calibrated at a recall."""
 
 import json
 
@@ -9,7 +10,9 @@ import torch
 from rlhf.data import Message, PreferencePair
 from reward_model.config import RewardModelConfig
 from reward_model.data import RMPair, build_pairs, collate, load_pairs, split_held_out
-from reward_model.evaluate import accuracy_by, calibration, evaluate_rewards, markdown, pooled, unsafe_recall
+from reward_model.evaluate import (
+    accuracy_by, calibrated_gate, calibration, evaluate_rewards, gate_threshold_at_recall, markdown, pooled, unsafe_recall,
+)
 from tiny import word_tokenizer
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "bye", "ok", "no"]
@@ -126,6 +129,8 @@ def test_safety_categories_and_unsafe_recall():
     # of pairs 1, 2 and both of pair 4) -> recall 3/4, precision 3/3
     u = result["unsafe_recall"]
     assert (u["unsafe"], u["flagged"], u["recall"], u["precision"]) == (4, 3, 0.75, 1.0)
+    # safe responses: the chosen of pairs 1-3 (r = 1, -1, 0) and the rejected of pair 3 (-1): none flagged
+    assert (u["safe"], u["safe_flagged"]) == (4, 0.0)
     assert unsafe_recall(torch.tensor([0.0]), torch.tensor([True]), 0.6)["recall"] == 1.0  # sigmoid(0) = 0.5 < 0.6
 
 
@@ -151,7 +156,67 @@ def test_pooled_summary_over_test_sets():
 def test_report_shows_only_ratings_present_and_no_recall_without_unsafe_responses():
     pairs = [PreferencePair([Message("user", "q")], "a", "b", rating="better", chosen_safe=True, rejected_safe=True)]
     result = evaluate_rewards(torch.tensor([1.0]), torch.tensor([-3.0]), pairs, threshold=0.15, bins=4)
-    assert result["unsafe_recall"] == {"threshold": 0.15, "unsafe": 0, "flagged": 1, "recall": None, "precision": 0.0}
+    # two safe responses, r = 1 (sigmoid 0.73) and r = -3 (sigmoid 0.047 < 0.15, flagged)
+    assert result["unsafe_recall"] == {"threshold": 0.15, "unsafe": 0, "flagged": 1, "recall": None, "precision": 0.0,
+                                       "safe": 2, "safe_flagged": 0.5}
     text = markdown({"test": result})
     assert "| test set | better | avg |" in text and "| test | 100.0 (1) | 100.0 (1) |" in text
     assert "recall -, precision 0.000 (1 flagged, 0 unsafe)" in text
+
+
+def _logits(probabilities: list[float]) -> torch.Tensor:
+    """Reward logits whose sigmoid is ``probabilities``."""
+    return torch.logit(torch.tensor(probabilities, dtype=torch.float64))
+
+
+def test_gate_threshold_at_recall_hand_worked():
+    # unsafe responses score 0.1, 0.2, 0.4, 0.8 (sigmoid), the safe ones 0.3 and 0.9
+    rewards, unsafe = _logits([0.4, 0.3, 0.1, 0.9, 0.8, 0.2]), [True, False, True, False, True, True]
+    # recall 0.5: k = 2 of 4, halfway between u_2 = 0.2 and the next unsafe score 0.4
+    assert gate_threshold_at_recall(rewards, unsafe, 0.5) == pytest.approx(0.3)
+    # recall 0.55: k = ceil(2.2) = 3, between 0.4 and 0.8
+    assert gate_threshold_at_recall(rewards, unsafe, 0.55) == pytest.approx(0.6)
+    assert unsafe_recall(rewards, torch.tensor(unsafe), 0.6)["recall"] == 0.75  # at least the share asked for
+    # recall 0.1: k = ceil(0.4) = 1, between 0.1 and 0.2
+    assert gate_threshold_at_recall(rewards, unsafe, 0.1) == pytest.approx(0.15)
+    # recall 1: k = 4, no unsafe score above 0.8: halfway to the next score of any response, safe 0.9
+    assert gate_threshold_at_recall(rewards, unsafe, 1.0) == pytest.approx(0.85)
+    # ties: unsafe 0.1, 0.2, 0.2, 0.8 at recall 0.5: k = 2, the next HIGHER unsafe score is 0.8 (flags 3 of 4)
+    assert gate_threshold_at_recall(_logits([0.1, 0.2, 0.2, 0.8]), [True] * 4, 0.5) == pytest.approx(0.5)
+    # nothing above the k-th unsafe score: halfway to 1
+    assert gate_threshold_at_recall(_logits([0.5, 0.3]), [True, False], 0.55) == pytest.approx(0.75)
+    # 20 unsafe scores 0.01 .. 0.20 at recall 0.55: 0.55 * 20 is 11.000000000000002 in floats, k = 11 not 12
+    assert gate_threshold_at_recall(_logits([(i + 1) / 100 for i in range(20)]), [True] * 20, 0.55) == pytest.approx(0.115)
+    assert gate_threshold_at_recall([0.0, 1.0], [False, False], 0.55) is None  # lists too; no unsafe response
+    assert gate_threshold_at_recall([0.0], [True], 0.55) == pytest.approx(0.75)  # sigmoid(0) = 0.5
+
+
+def test_calibrated_gate_pools_the_test_sets_and_reports_each():
+    labelled = {"safety": (_logits([0.1, 0.2, 0.6]).float(), torch.tensor([True, True, False])),
+                "helpful": (_logits([0.12, 0.5, 0.9]).float(), torch.tensor([False, False, False]))}
+    gate = calibrated_gate(labelled, 0.5)
+    # pooled unsafe 0.1, 0.2: k = 1, threshold (0.1 + 0.2) / 2 = 0.15; it flags 0.1 (unsafe) and 0.12 (safe)
+    assert gate["threshold"] == pytest.approx(0.15) and gate["recall_target"] == 0.5
+    assert (gate["unsafe"], gate["flagged"], gate["recall"], gate["precision"]) == (2, 2, 0.5, 0.5)
+    assert gate["safe_flagged"] == pytest.approx(1 / 4)
+    assert gate["test_sets"]["safety"]["safe_flagged"] == 0.0 and gate["test_sets"]["safety"]["precision"] == 1.0
+    assert gate["test_sets"]["helpful"]["safe_flagged"] == pytest.approx(1 / 3)
+    assert gate["test_sets"]["helpful"]["recall"] is None
+    none = calibrated_gate({"helpful": labelled["helpful"]}, 0.55)
+    assert none["threshold"] is None and "labelled unsafe" in none["note"] and "test_sets" not in none
+    assert calibrated_gate({}, 0.55)["threshold"] is None
+
+
+def test_report_shows_the_calibrated_gate_per_test_set():
+    labels = [(True, False), (True, True)]
+    pairs = [PreferencePair([Message("user", "q")], "a", "b", chosen_safe=c, rejected_safe=r) for c, r in labels]
+    chosen, rejected = _logits([0.9, 0.12]).float(), _logits([0.1, 0.6]).float()
+    result = evaluate_rewards(chosen, rejected, pairs, threshold=0.15, bins=4)
+    # one unsafe response (0.1): k = 1, nothing unsafe above, the next score is 0.12: threshold 0.11
+    gate = calibrated_gate({"test": (torch.cat([chosen, rejected]), torch.tensor([False, False, True, False]))}, 0.55)
+    assert gate["threshold"] == pytest.approx(0.11)
+    text = markdown({"test": {**result, "gate": gate["test_sets"]["test"]}}, gate)
+    assert "## Safety gate" in text and "threshold (`gate_threshold: calibrated`): 0.11, where sigmoid(r) below it flags at least 55.0% of the unsafe" in text
+    # at 0.11 no safe response is flagged; at 0.15 one of three (0.12)
+    assert "| test | 1.000 | 1.000 | 0.0% | 33.3% |" in text and "flagged at 0.15 |" in text
+    assert "No calibrated gate threshold: no held-out" in markdown({"test": result}, calibrated_gate({}, 0.55))

@@ -133,6 +133,36 @@ def test_stage_trains_saves_and_evaluates(lm_dir, tmp_path):
     assert {p.name for p in (out / "eval").iterdir()} >= {"metrics.json", "summary.json", "report.md",
                                                          "accuracy_by_rating.png", "calibration.png"}
     assert manifest["metrics"]["eval/held_out.pairs/accuracy"] == results["held_out.pairs"]["accuracy"]
+    check_calibrated_gate(out, data, manifest["metrics"], results)
+
+
+def check_calibrated_gate(out: Path, data: dict, metrics: dict, results: dict) -> None:
+    """The safety gate calibrated at eval.gate_recall (0.55) on the labelled responses of both test
+    sets pooled, in the manifest, summary.json, metrics.json (per test set) and report.md."""
+    from reward_model.data import load_pairs
+    from reward_model.evaluate import gate_threshold_at_recall, labelled_responses, pair_rewards
+    from reward_model.model import load_reward_model
+
+    rm, cfg = load_reward_model(out), RewardModelConfig.model_validate(data)
+    tests = load_pairs(cfg.data, cfg.seed)[1].values()
+    labelled = [labelled_responses(*pair_rewards(rm, pairs), pairs) for pairs in tests]
+    rewards, unsafe = torch.cat([r for r, _ in labelled]), torch.cat([u for _, u in labelled])
+    assert int(unsafe.sum()) == sum(not p.rejected_safe for pairs in tests for p in pairs) > 0  # rows i % 3 == 0
+    threshold = gate_threshold_at_recall(rewards, unsafe, 0.55)
+    gate = json.loads((out / "eval" / "summary.json").read_text())["gate"]
+    assert metrics["gate_threshold"] == gate["threshold"] == pytest.approx(threshold, rel=1e-5)
+    assert gate["recall"] >= 0.55 and (metrics["gate_recall"], metrics["gate_precision"]) == (gate["recall"], gate["precision"])
+    for name in ("held_out.pairs", "test"):
+        assert results[name]["gate"]["threshold"] == gate["threshold"]
+        assert metrics[f"eval/{name}/gate_safe_flagged"] == results[name]["gate"]["safe_flagged"]
+        assert results[name]["unsafe_recall"]["threshold"] == 0.15  # eval.unsafe_threshold, reported beside it
+    assert f"calibrated`): {gate['threshold']:.4g}, where sigmoid(r) below it flags at least 55.0%" in (out / "eval" / "report.md").read_text()
+
+
+def test_no_test_set_no_calibrated_gate():
+    from reward_model.stage import eval_metrics
+
+    assert eval_metrics({}, None) == {"gate_threshold": None, "gate_recall": None, "gate_precision": None}
 
 
 @pytest.mark.parametrize("merge", [True, False])

@@ -1,9 +1,11 @@
+import json
 import math
 
 import pytest
 import torch
 
-from rlhf.rewards import kl_penalty, logit, safety_gate, token_rewards, whiten
+from rlhf.config import RecipeError
+from rlhf.rewards import kl_penalty, logit, resolve_gate_threshold, safety_gate, token_rewards, whiten
 
 
 def test_safety_gate_hand_worked():
@@ -47,3 +49,29 @@ def test_token_rewards_put_the_score_on_the_last_generated_token():
     out = token_rewards(torch.tensor([2.0, -1.0]), kl, mask, beta=0.1)
     # row 0: [-0.01, -0.02 + 2, 0]; row 1: [-0.04, -0.05, -0.06 - 1]
     assert torch.allclose(out, torch.tensor([[-0.01, 1.98, 0.0], [-0.04, -0.05, -1.06]]))
+
+
+def _safety_rm(path, **metrics):
+    path.mkdir()
+    (path / "manifest.json").write_text(json.dumps({"stage": "reward_model", "status": "complete", "metrics": metrics}))
+    return path
+
+
+def test_a_calibrated_gate_threshold_is_read_from_the_safety_reward_model(tmp_path):
+    said = []
+    assert resolve_gate_threshold(0.15, tmp_path / "anything", said.append) == 0.15  # a number is itself
+    assert said == []
+    rm = _safety_rm(tmp_path / "rm", gate_threshold=0.0123, gate_recall=0.552, gate_precision=0.97)
+    assert resolve_gate_threshold("calibrated", rm, said.append) == 0.0123
+    assert said == [f"[rlhf] gate_threshold: 0.0123, calibrated by the safety reward model {rm} "
+                    "(unsafe recall 0.552, precision 0.970 on its eval pairs)"]
+
+
+def test_a_safety_reward_model_without_a_calibrated_threshold_is_refused(tmp_path):
+    older = _safety_rm(tmp_path / "older", loss=0.4)  # from before the stage calibrated the gate
+    with pytest.raises(RecipeError, match=r"^gate_threshold: calibrated, but .* has no calibrated gate threshold: "
+                                          r"its manifest has none .*; set gate_threshold to a number, e.g. 0.15$"):
+        resolve_gate_threshold("calibrated", older)
+    unlabelled = _safety_rm(tmp_path / "unlabelled", gate_threshold=None)
+    with pytest.raises(RecipeError, match="none of its held-out or test responses is labelled unsafe"):
+        resolve_gate_threshold("calibrated", unlabelled)

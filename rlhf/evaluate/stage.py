@@ -29,7 +29,7 @@ from rlhf.generation import row_seed, sample
 from rlhf.logprobs import PackedPolicy, per_token, policy_logprobs
 from rlhf.models import default_device, load_policy
 from rlhf.progress import Progress
-from rlhf.rewards import safety_gate
+from rlhf.rewards import resolve_gate_threshold, safety_gate
 from rlhf.world.gold import sampled_gold
 from rlhf.world.judge import has_gold, summarize
 
@@ -95,6 +95,7 @@ def _compare(mine: dict, other: dict) -> dict[str, float | None]:
 
 def run(cfg: EvaluateConfig) -> Path:
     stage = StageRun(cfg).start()
+    threshold = resolve_gate_threshold(cfg.gate_threshold, cfg.safety_rm_from)
     device = default_device()
     prompts = load_data(cfg.prompts, "prompts", cfg.seed).records[: cfg.max_prompts]
     rms = {"helpfulness": load_reward_model(cfg.helpfulness_rm_from, device),
@@ -106,15 +107,15 @@ def run(cfg: EvaluateConfig) -> Path:
     results: dict[str, dict] = {}
     for name, path in cfg.policies.items():
         out = _responses(path, prompts, cfg, baseline, device)
-        results[name] = {**out, "scores": _scores(prompts, out, rms, cfg.gate_threshold, judge)}
+        results[name] = {**out, "scores": _scores(prompts, out, rms, threshold, judge)}
         progress.update(1, policy=name)
     same = [name for name, path in cfg.policies.items() if Path(path) == Path(baseline_path)]
     if same:
         baseline_scores = results[same[0]]["scores"]
     else:
         answers = _responses(baseline_path, prompts, cfg, baseline, device)
-        baseline_scores = _scores(prompts, answers, rms, cfg.gate_threshold, judge)
-    summary = {"baseline": str(baseline_path), "prompts": len(prompts), "policies": {}}
+        baseline_scores = _scores(prompts, answers, rms, threshold, judge)
+    summary = {"baseline": str(baseline_path), "prompts": len(prompts), "gate_threshold": threshold, "policies": {}}
     previous = None
     for name, res in results.items():
         scores = res["scores"]
@@ -140,7 +141,7 @@ def run(cfg: EvaluateConfig) -> Path:
     _write(stage.dir / "eval", summary, prompts, results)
     return stage.finish({name: {k: v for k, v in p.items() if not k.startswith("gold")} | (p["gold"] or {})
                          | {f"sampled_{k}": v for k, v in (p["gold_sampled"] or {}).items() if k != "n"}
-                         for name, p in summary["policies"].items()})
+                         for name, p in summary["policies"].items()} | {"gate_threshold": threshold})
 
 
 def _write(out: Path, summary: dict, prompts: list[Prompt], results: dict) -> None:

@@ -52,7 +52,7 @@ from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.losses import entropy, explained_variance, gae, policy_loss, value_loss
 from rlhf.ppo.rollout import critic_values, reference
 from rlhf.progress import Progress
-from rlhf.rewards import kl_penalty, logit, penalize_truncated, safety_gate, token_rewards, whiten
+from rlhf.rewards import kl_penalty, logit, penalize_truncated, resolve_gate_threshold, safety_gate, token_rewards, whiten
 from rlhf.training import (
     disable_dropout, epoch_order, latest_checkpoint, lr_factor, make_accelerator, make_optimizer, micro_batches,
     prepare_model, register_json_state, resume, save_checkpoint, save_model, warmup_steps,
@@ -162,6 +162,7 @@ def collect_rollouts(accelerator, models, batch: list, seeds: list[int], cfg: PP
 def run(cfg: PPOConfig) -> Path:
     run = StageRun(cfg).start()
     accelerator = make_accelerator(cfg.train, cfg.report_to, run.dir)
+    cfg = cfg.model_copy(update={"gate_threshold": resolve_gate_threshold(cfg.gate_threshold, cfg.safety_rm_from, accelerator.print)})
     world, rank = accelerator.num_processes, accelerator.process_index
     check_sizes(cfg, world)
     models = load_models(cfg, accelerator.device)
@@ -215,7 +216,8 @@ def run(cfg: PPOConfig) -> Path:
     progress.close()
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
         tracker.finish()
-    return finish(accelerator, run, models, early, final_metrics(metrics, done, early, cfg.early_stop.metric), counts, cfg)
+    kept = {**final_metrics(metrics, done, early, cfg.early_stop.metric), "gate_threshold": cfg.gate_threshold}
+    return finish(accelerator, run, models, early, kept, counts, cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from rlhf.rejection_sampling.pool import (
 )
 from rlhf.rejection_sampling.config import RejectionSamplingConfig
 from rlhf.rejection_sampling.report import sample_truncation, write_report
-from rlhf.rewards import penalize_truncated, safety_gate
+from rlhf.rewards import penalize_truncated, resolve_gate_threshold, safety_gate
 from rlhf.training import make_accelerator
 from sft.stage import fine_tune_generated
 
@@ -231,6 +231,7 @@ def rescore_stale(accelerator, rms: RewardModels, pool: dict[str, dict], thresho
 def run(cfg: RejectionSamplingConfig) -> Path:
     stage = StageRun(cfg).start()
     accelerator = make_accelerator(cfg.train, cfg.report_to, stage.dir)
+    threshold = resolve_gate_threshold(cfg.gate_threshold, cfg.safety_rm_from, accelerator.print)
     previous = read_pool(cfg.pool_from) if cfg.pool_from else {}
     round_no = cfg.round or _previous_round(cfg.pool_from, previous) + 1
     # 1. sample K responses per prompt (and the temperature sweep), bucket by bucket
@@ -250,9 +251,9 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     # 2. score every sample with both reward models, gated; 3. re-score the old pool if needed
     rms = _load_reward_models(cfg, stage, accelerator.device, dtype, tokenizer)
     penalty = cfg.missing_eos_penalty
-    scores = score_samples(accelerator, rms, items, samples, cfg.gate_threshold, penalty)
-    sweep_scores = {t: score_samples(accelerator, rms, sweep_items, s, cfg.gate_threshold, penalty) for t, s in sweep.items()}
-    rescored = rescore_stale(accelerator, rms, previous, cfg.gate_threshold, penalty)
+    scores = score_samples(accelerator, rms, items, samples, threshold, penalty)
+    sweep_scores = {t: score_samples(accelerator, rms, sweep_items, s, threshold, penalty) for t, s in sweep.items()}
+    rescored = rescore_stale(accelerator, rms, previous, threshold, penalty)
     reward_models, reward_scoring = rms.fingerprints, rms.scoring
     del rms
     judges = judge_samples(cfg, accelerator.device, items, samples)
@@ -274,7 +275,7 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     train_metrics, data_counts = fine_tune_generated(stage, accelerator, source, pool_examples(pool), cfg)
     tokens = sum(sum(v["tokens"]) for v in samples.values())
     metrics = {
-        "round": round_no, "prompts_sampled": len(items), "samples": len(items) * cfg.sampling.k,
+        "round": round_no, "gate_threshold": threshold, "prompts_sampled": len(items), "samples": len(items) * cfg.sampling.k,
         "best_reward_mean": _mean(max(s["reward"] for s in scores[i.key]) for i in items),
         "sample_reward_mean": _mean(s["reward"] for i in items for s in scores[i.key]),
         **judge_metrics(items, scores, judges),
