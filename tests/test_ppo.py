@@ -218,6 +218,20 @@ def test_a_critic_with_another_tokenizer_is_refused(world, tmp_path):
         run(_cfg(world, tmp_path / "ppo", critic_from=str(tmp_path / "other_rm")))
 
 
+def test_a_critic_with_fewer_positions_than_the_policy_is_refused(world, tmp_path):
+    import shutil
+
+    from rlhf.artifacts import InputError
+    from rlhf.ppo.stage import run
+
+    short = shutil.copytree(world / "rm_h", tmp_path / "short_rm")
+    config = json.loads((short / "model" / "config.json").read_text())
+    policy_positions = json.loads((world / "sft" / "model" / "config.json").read_text())["max_position_embeddings"]
+    (short / "model" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": policy_positions // 2}))
+    with pytest.raises(InputError, match=f"the critic has {policy_positions // 2} positions, fewer than the policy's {policy_positions}"):
+        run(_cfg(world, tmp_path / "ppo", critic_from=str(short)))
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(world, tmp_path):
     """Samples are seeded per response and each global mini-batch is split across processes,

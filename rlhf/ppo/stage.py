@@ -238,6 +238,18 @@ def critic_source(cfg: PPOConfig) -> Path:
     return path / "critic" if manifest.get("stage") == "ppo" else model_dir(path)
 
 
+def check_critic_positions(source: Path, critic_config: Any, policy_config: Any) -> None:
+    """The critic reads every packed prompt + response the policy samples, and sampling stops only
+    at the policy's max_position_embeddings: a critic with fewer positions would read positions
+    it was never trained on (RoPE extrapolates, silently)."""
+    critic_limit = getattr(critic_config, "max_position_embeddings", None)
+    policy_limit = getattr(policy_config, "max_position_embeddings", None)
+    if critic_limit is not None and policy_limit is not None and critic_limit < policy_limit:
+        raise InputError(f"critic_from: {source}: the critic has {critic_limit} positions, fewer than the policy's "
+                         f"{policy_limit}, and reads every prompt + response the policy samples; start the critic "
+                         "from a reward model with at least the policy's max_position_embeddings")
+
+
 def load_models(cfg: PPOConfig, device: torch.device) -> Models:
     """The policy and critic (trained, dropout off: the log-probs and values of the rollouts and
     of the updates come from the same function), the reference in the policy's own dtype (its
@@ -251,6 +263,7 @@ def load_models(cfg: PPOConfig, device: torch.device) -> Models:
     if critic.tokenizer.get_vocab() != tokenizer.get_vocab():  # it reads values at the policy's tokens
         raise InputError(f"critic_from: {critic_source(cfg)}: its tokenizer is not the policy's, so its values "
                          "would be read at other tokens; start the critic from a reward model trained on this policy")
+    check_critic_positions(critic_source(cfg), critic.model.config, model.config)
     critic.model = disable_dropout(prepare_model(critic.model, cfg.critic, task_type="SEQ_CLS", modules_to_save=["score"]))
     rm_device = "cpu" if cfg.ppo.offload_reward_models else device
     frozen = {"dtype": inference_dtype(cfg.train.mixed_precision, device)}
