@@ -59,9 +59,10 @@ def test_gate_then_best_of_k_on_hand_made_rewards():
     assert rs.best_of([0.4, 0.7, 0.7]) == 1  # ties: the first
 
 
-def _entry(key, reward, response="r", round_no=1, fps=None):
+def _entry(key, reward, response="r", round_no=1, fps=None, threshold=0.15):
     return {"key": key, "prompt": [{"role": "user", "content": key}], "is_safety": False, "response": response,
-            "reward": reward, "round": round_no, "reward_models": fps or {"helpfulness": "h1", "safety": "s1"}}
+            "reward": reward, "round": round_no,
+            **rs_pool.scored_by(fps or {"helpfulness": "h1", "safety": "s1"}, threshold, None)}
 
 
 def test_pool_keeps_the_max_across_rounds():
@@ -84,6 +85,16 @@ def test_stale_entries_are_rescored_under_the_current_reward_models():
     # the re-scored entry now loses to a candidate it used to beat
     new, counts = rs_pool.update_pool(pool, {"a": _entry("a", 0.5, "new", round_no=2)})
     assert new["a"]["response"] == "new" and counts["improved"] == 1
+
+
+def test_entries_gated_at_another_threshold_are_rescored():
+    """The same reward models, another gate: an entry chosen when R_s < 0.15 sent it to the safety
+    reward model (R_s 0.1) is re-scored under a gate of 0.05, which sends it to R_h (0.9)."""
+    pool = {"a": _entry("a", 0.1, "ra"), "b": _entry("b", 0.3, "rb", threshold=0.05)}
+    rms = _rms({"ra": 0.9, "rb": 0.3}, {"ra": 0.1, "rb": 0.5})
+    assert rs.rescore_stale(ONE_PROCESS, rms, pool, 0.05) == 1
+    assert pool["a"]["reward"] == pytest.approx(0.9) and pool["a"]["gate"] == {"threshold": 0.05, "missing_eos_penalty": None}
+    assert pool["b"]["reward"] == 0.3  # gated at 0.05 already: untouched
 
 
 def test_best_of_k_curve_hand_worked():

@@ -171,7 +171,7 @@ def test_an_sft_stage_on_a_full_disk_stops_cleanly_and_a_rerun_with_space_finish
         killed = _sft_recipe(sft_world, tmp_path, disk / "sft")
         assert main(["run", str(killed)]) == 2
         err = capsys.readouterr().err
-        assert f"\nerror: no space left on {disk} while writing {disk}/sft/checkpoints/" in err, err
+        assert f"\nerror: no space left on {disk} while writing {disk}/sft/checkpoints/" in "\n" + err, err
         assert "Traceback" not in err and read_manifest(disk / "sft") is None
         subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
         assert main(["run", str(killed)]) == 0

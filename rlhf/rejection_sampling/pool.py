@@ -30,12 +30,19 @@ def prompt_key(prompt: Prompt) -> str:
     return "sha1:" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
+def scored_by(fingerprints: dict[str, str], threshold: float, penalty: float | None) -> dict:
+    """What a pool entry's scores depend on besides its response: the reward models
+    (``reward_models``: their fingerprints) and how their scores were combined (``gate``: the
+    safety gate's threshold, the missing-EOS penalty). An entry scored otherwise is stale."""
+    return {"reward_models": fingerprints, "gate": {"threshold": threshold, "missing_eos_penalty": penalty}}
+
+
 def pool_entry(item: Item, response: str, finished: bool, scores: dict, round_no: int, model: dict,
-               reward_models: dict) -> dict:
+               scorer: dict) -> dict:
     """A pool row: the prompt record, the response (``finished``: it ended with EOS) and its
-    scores, which round and model produced it, which reward models scored it."""
+    scores, which round and model produced it, what scored it (``scored_by``)."""
     return {"key": item.key, **to_dict(item.prompt), "response": response, "finished": finished, **scores,
-            "round": round_no, "model": model, "reward_models": reward_models}
+            "round": round_no, "model": model, **scorer}
 
 
 def entry_finished(entry: dict) -> bool:

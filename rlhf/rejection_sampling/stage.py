@@ -42,7 +42,8 @@ from rlhf.generation import length_buckets, row_seed, sample
 from rlhf.models import inference_dtype, load_policy
 from rlhf.progress import Progress
 from rlhf.rejection_sampling.pool import (
-    POOL, Item, entry_finished, entry_prompt, pool_entry, pool_examples, prompt_key, read_pool, update_pool,
+    POOL, Item, entry_finished, entry_prompt, pool_entry, pool_examples, prompt_key, read_pool, scored_by,
+    update_pool,
 )
 from rlhf.rejection_sampling.config import RejectionSamplingConfig
 from rlhf.rejection_sampling.report import sample_truncation, write_report
@@ -180,7 +181,7 @@ def best_of(rewards: Sequence[float], eligible: Sequence[bool] | None = None) ->
 
 
 def round_best(items: Sequence[Item], samples: dict[str, dict], scores: dict[str, list[dict]], cfg: RejectionSamplingConfig,
-               round_no: int, model: dict, reward_models: dict) -> dict[str, dict | None]:
+               round_no: int, model: dict, scorer: dict) -> dict[str, dict | None]:
     """key -> the pool entry of its best sample this round; None when all its samples were
     truncated and ``pool_truncated`` is off."""
     best: dict[str, dict | None] = {}
@@ -188,7 +189,7 @@ def round_best(items: Sequence[Item], samples: dict[str, dict], scores: dict[str
         s = samples[item.key]
         j = best_of([x["reward"] for x in scores[item.key]], None if cfg.pool_truncated else s["finished"])
         best[item.key] = None if j is None else pool_entry(item, s["responses"][j], s["finished"][j], scores[item.key][j],
-                                                            round_no, model, reward_models)
+                                                            round_no, model, scorer)
     return best
 
 
@@ -215,12 +216,14 @@ def judge_metrics(items: Sequence[Item], scores: dict[str, list[dict]], judges: 
 
 
 def rescore_stale(accelerator, rms: RewardModels, pool: dict[str, dict], threshold: float, penalty: float | None = None) -> int:
-    """Re-score, in place, the entries that other reward models scored; returns how many."""
-    stale = [key for key, entry in pool.items() if entry.get("reward_models") != rms.fingerprints]
+    """Re-score, in place, the entries that other reward models, or another gate, scored;
+    returns how many."""
+    scorer = scored_by(rms.fingerprints, threshold, penalty)
+    stale = [key for key, entry in pool.items() if any(entry.get(k) != v for k, v in scorer.items())]
     scores = score_pairs(accelerator, rms, [entry_prompt(pool[k]) for k in stale], [pool[k]["response"] for k in stale],
                          threshold, [entry_finished(pool[k]) for k in stale], penalty)
     for key, new in zip(stale, scores):
-        pool[key] = {**pool[key], **new, "reward_models": rms.fingerprints}
+        pool[key] = {**pool[key], **new, **scorer}
     return len(stale)
 
 
@@ -254,12 +257,12 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     scores = score_samples(accelerator, rms, items, samples, threshold, penalty)
     sweep_scores = {t: score_samples(accelerator, rms, sweep_items, s, threshold, penalty) for t, s in sweep.items()}
     rescored = rescore_stale(accelerator, rms, previous, threshold, penalty)
-    reward_models, reward_scoring = rms.fingerprints, rms.scoring
+    scorer, reward_scoring = scored_by(rms.fingerprints, threshold, penalty), rms.scoring
     del rms
     judges = judge_samples(cfg, accelerator.device, items, samples)
     _free_memory()
     model = {"path": str(cfg.policy_from), "fingerprint": stage.inputs["policy_from"]["fingerprint"]}
-    pool, changes = update_pool(previous, round_best(items, samples, scores, cfg, round_no, model, reward_models))
+    pool, changes = update_pool(previous, round_best(items, samples, scores, cfg, round_no, model, scorer))
     changes["rescored"] = rescored
     if not pool and changes["only_truncated"]:
         raise RecipeError(f"sampling.max_new_tokens: all {len(items) * cfg.sampling.k} samples were cut at "
