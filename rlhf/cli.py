@@ -85,6 +85,17 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+def _share(text: str) -> float:
+    """A share in (0, 1], for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf",
@@ -148,6 +159,9 @@ def _add_tools(sub) -> None:
     p.add_argument("data", help="preference pairs in any format the data layer reads (e.g. HH-RLHF)")
     p.add_argument("--format", type=_data_format, default="auto", help=_FORMAT_HELP)
     p.add_argument("--threshold", type=float, default=0.15, help="unsafe-response recall at this probability")
+    p.add_argument("--gate-recall", type=_share, default=0.55,
+                   help="calibrate the safety gate at this recall of the unsafe responses (key \"gate\"; "
+                   "Llama 2's 0.15 had recall 0.55 on its safety test set)")
     p.add_argument("--max-pairs", type=int, help="evaluate only the first N pairs")
     p.add_argument("--out", help="also write the JSON, Markdown and plots into this directory")
     p.set_defaults(func=_cmd_eval_rm)
@@ -190,7 +204,8 @@ def _cmd_eval_rm(args: argparse.Namespace) -> int:
     quiet_libraries()
 
     _must_exist(Path(args.model_dir), Path(args.data))
-    print_json(command("eval-rm")(args.model_dir, args.data, args.format, args.threshold, args.max_pairs, args.out))
+    print_json(command("eval-rm")(args.model_dir, args.data, args.format, args.threshold, args.max_pairs, args.out,
+                                  args.gate_recall))
     return 0
 
 

@@ -283,8 +283,11 @@ def _rm_closing(stage_dir: Path) -> list[str]:
     if not rm:
         return []
     ratings = ", ".join(f"{r} {_fmt(v.get('accuracy'))}" for r, v in rm["per_rating"].items() if r in RATINGS)
+    metrics = (read_manifest(stage_dir) or {}).get("metrics", {})
+    gate = (f"; calibrated gate_threshold {metrics['gate_threshold']:.4g} (recall {_fmt(metrics.get('gate_recall'))}, "
+            f"precision {_fmt(metrics.get('gate_precision'))})") if metrics.get("gate_threshold") is not None else ""
     return [f"done: held-out accuracy {_fmt(rm['accuracy'])} on {rm['pairs']} pairs"
-            + (f"; by rating: {ratings}" if ratings else "")]
+            + (f"; by rating: {ratings}" if ratings else "") + gate]
 
 
 def _rs_closing(stage_dir: Path) -> list[str]:

@@ -239,3 +239,12 @@ def test_the_new_commands_import_no_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, capture_output=True)
     out = subprocess.run([sys.executable, "-m", "rlhf", "--version"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0 and out.stdout.startswith(f"{DISTRIBUTION} ")
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "x"])
+def test_eval_rm_refuses_a_gate_recall_outside_0_1(value, capsys):
+    from rlhf.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval-rm", "m", "d.jsonl", "--gate-recall", value])
+    assert exit_.value.code == 2 and "--gate-recall: expected a number in (0, 1]" in capsys.readouterr().err

@@ -93,6 +93,11 @@ def test_closing_lines_of_a_reward_model_rejection_sampling_and_the_evaluation(t
         "significantly_better": {"accuracy": 0.9}, "better": {"accuracy": 0.8}, "slightly_better": {"accuracy": 0.6}}}))
     assert stage_summary(rm, "reward_model") == [
         "done: held-out accuracy 0.750 on 40 pairs; by rating: significantly_better 0.900, better 0.800, slightly_better 0.600"]
+    manifest = json.loads((rm / "manifest.json").read_text())
+    manifest["metrics"] = {"gate_threshold": 0.0073312, "gate_recall": 0.552, "gate_precision": 0.924}
+    (rm / "manifest.json").write_text(json.dumps(manifest))
+    assert stage_summary(rm, "reward_model")[0].endswith(
+        "slightly_better 0.600; calibrated gate_threshold 0.007331 (recall 0.552, precision 0.924)")
     rs = stage_dir(tmp_path / "rs", "rejection_sampling")
     (rs / "report").mkdir()
     (rs / "report" / "summary.json").write_text(json.dumps({"best_of_k": {"all": {
