@@ -14,6 +14,7 @@ from rlhf.cli import DISTRIBUTION, main
 from rlhf.recipe import lead_sentence, load_recipe, recipe_keys, type_name
 from rlhf.rounds import add_batch, list_rounds, preview_round
 from rlhf.stages import STAGES, config_class
+from tiny import echo_round_world
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -138,35 +139,9 @@ def test_type_names():
 # rlhf round run RUN KEY=VALUE
 
 
-ROUND = """
-initial_policy: {initial}
-policy: rl
-pool: rl
-batches: {{rm: [helpfulness]}}
-stages:
-  - name: rm
-    config: {{stage: echo, message: rm, data: {{sources: [{{name: base, path: {base}}}]}}}}
-    inputs: {{upstream: initial_policy}}
-  - name: rl
-    config: {{stage: echo, message: p}}
-    inputs: {{upstream: policy}}
-"""
-
-PAIR = '{{"prompt": "q{i}", "chosen": "good {i}", "rejected": "bad {i}", "rating": "better"}}\n'
-
-
 @pytest.fixture
 def world(tmp_path, echo_stage):
-    from rlhf.pipeline import run_stage
-
-    initial = tmp_path / "initial.yaml"
-    initial.write_text(f"stage: echo\nmessage: sft\noutput_dir: {tmp_path / 'sft'}\n")
-    run_stage(load_recipe(initial))
-    (tmp_path / "base.jsonl").write_text(PAIR.format(i=0))
-    (tmp_path / "round.yaml").write_text(ROUND.format(initial=tmp_path / "sft", base=tmp_path / "base.jsonl"))
-    for week in (1, 2):
-        (tmp_path / f"week{week}.jsonl").write_text("".join(PAIR.format(i=10 * week + i) for i in range(3)))
-    return tmp_path
+    return echo_round_world(tmp_path)
 
 
 def _out(run, number, stage):
@@ -186,13 +161,19 @@ def test_round_run_overrides_reach_the_stages_and_stay_with_the_run(world, capsy
     assert "rl.message=q" in capsys.readouterr().out
 
 
-def test_round_resume_with_other_overrides_is_a_changed_config(world, echo_stage, monkeypatch):
+def _round_interrupted_at_rl(world, monkeypatch):
+    """Round 1 run with the override rl.message=q, its rl stage failing; the run directory."""
     run = world / "run"
     add_batch(run, {"helpfulness": world / "week1.jsonl"})
     monkeypatch.setenv("ECHO_FAIL_AT", "rl")
     with pytest.raises(RuntimeError):
         main(["round", "run", str(run), "--recipe", str(world / "round.yaml"), "rl.message=q"])
     monkeypatch.delenv("ECHO_FAIL_AT")
+    return run
+
+
+def test_round_resume_with_other_overrides_is_a_changed_config(world, echo_stage, monkeypatch):
+    run = _round_interrupted_at_rl(world, monkeypatch)
     before = len(echo_stage.RUNS)
     assert main(["round", "run", str(run), "rl.message=z", "rl.sleep=0"]) == 0
     rl_dir = run / "rounds" / "001" / "rl"
@@ -203,12 +184,7 @@ def test_round_resume_with_other_overrides_is_a_changed_config(world, echo_stage
 
 
 def test_resume_without_overrides_uses_the_stored_ones(world, echo_stage, monkeypatch):
-    run = world / "run"
-    add_batch(run, {"helpfulness": world / "week1.jsonl"})
-    monkeypatch.setenv("ECHO_FAIL_AT", "rl")
-    with pytest.raises(RuntimeError):
-        main(["round", "run", str(run), "--recipe", str(world / "round.yaml"), "rl.message=q"])
-    monkeypatch.delenv("ECHO_FAIL_AT")
+    run = _round_interrupted_at_rl(world, monkeypatch)
     assert main(["round", "run", str(run)]) == 0
     assert _out(run, 1, "rl") == "q+sft" and not list((run / "rounds" / "001").glob("rl.superseded-*"))
     assert not list(run.glob("round.yaml.*"))

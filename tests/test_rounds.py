@@ -5,37 +5,11 @@ import pytest
 from rlhf.data import DataError
 from rlhf.config import RecipeError
 from rlhf.rounds import add_batch, list_batches, list_rounds, run_round
-
-ROUND = """
-initial_policy: {initial}
-policy: rl
-pool: rl
-batches: {{rm: [helpfulness]}}
-stages:
-  - name: rm
-    config: {{stage: echo, message: rm, data: {{sources: [{{name: base, path: {base}}}]}}}}
-    inputs: {{upstream: initial_policy}}
-  - name: rl
-    config: {{stage: echo, message: p}}
-    inputs: {{upstream: policy}}
-"""
-
-PAIR = '{{"prompt": "q{i}", "chosen": "good {i}", "rejected": "bad {i}", "rating": "better"}}\n'
-
+from tiny import ECHO_PAIR as PAIR, echo_round_world
 
 @pytest.fixture
 def world(tmp_path, echo_stage):
-    from rlhf.pipeline import run_stage
-    from rlhf.recipe import load_recipe
-
-    recipe = tmp_path / "initial.yaml"
-    recipe.write_text(f"stage: echo\nmessage: sft\noutput_dir: {tmp_path / 'sft'}\n")
-    run_stage(load_recipe(recipe))
-    base = tmp_path / "base.jsonl"
-    base.write_text(PAIR.format(i=0))
-    (tmp_path / "round.yaml").write_text(ROUND.format(initial=tmp_path / "sft", base=base))
-    for week in (1, 2):
-        (tmp_path / f"week{week}.jsonl").write_text("".join(PAIR.format(i=10 * week + i) for i in range(3)))
+    echo_round_world(tmp_path)
     echo_stage.RUNS.clear()
     return tmp_path
 

@@ -227,3 +227,40 @@ def ppo_config(world: Path, out: Path, **overrides):
         "critic": {"lr": 1e-2},
     }
     return validate(PPOConfig, override(data, overrides), "test")
+
+
+# ---------------------------------------------------------------------------------------------
+# A world of weekly rounds over the echo stage (tests/echo_stage.py; the `echo_stage` fixture)
+
+ECHO_ROUND = """
+initial_policy: {initial}
+policy: rl
+pool: rl
+batches: {{rm: [helpfulness]}}
+stages:
+  - name: rm
+    config: {{stage: echo, message: rm, data: {{sources: [{{name: base, path: {base}}}]}}}}
+    inputs: {{upstream: initial_policy}}
+  - name: rl
+    config: {{stage: echo, message: p}}
+    inputs: {{upstream: policy}}
+"""
+
+ECHO_PAIR = '{{"prompt": "q{i}", "chosen": "good {i}", "rejected": "bad {i}", "rating": "better"}}\n'
+
+
+def echo_round_world(root: Path) -> Path:
+    """``root`` with a finished initial echo stage (``sft``), a base pair file, the round recipe
+    ``round.yaml`` (an ``rm`` stage trained on the helpfulness batches, an ``rl`` stage from the
+    previous round's policy) and two weekly batch files ``week1.jsonl``, ``week2.jsonl``."""
+    from rlhf.pipeline import run_stage
+    from rlhf.recipe import load_recipe
+
+    initial = root / "initial.yaml"
+    initial.write_text(f"stage: echo\nmessage: sft\noutput_dir: {root / 'sft'}\n")
+    run_stage(load_recipe(initial))
+    (root / "base.jsonl").write_text(ECHO_PAIR.format(i=0))
+    (root / "round.yaml").write_text(ECHO_ROUND.format(initial=root / "sft", base=root / "base.jsonl"))
+    for week in (1, 2):
+        (root / f"week{week}.jsonl").write_text("".join(ECHO_PAIR.format(i=10 * week + i) for i in range(3)))
+    return root
