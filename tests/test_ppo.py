@@ -218,6 +218,16 @@ def test_a_critic_with_another_tokenizer_is_refused(world, tmp_path):
         run(_cfg(world, tmp_path / "ppo", critic_from=str(tmp_path / "other_rm")))
 
 
+def test_prompts_that_cannot_fit_the_policy_stop_ppo_before_any_iteration(world, tmp_path):
+    from rlhf.artifacts import InputError
+    from rlhf.ppo.stage import run
+
+    positions = json.loads((world / "sft" / "model" / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(InputError, match=f"sampling.max_new_tokens {positions} = .* exceeds the model's max_position_embeddings {positions}"):
+        run(_cfg(world, tmp_path / "ppo", **{"sampling.max_new_tokens": positions}))
+    assert not (tmp_path / "ppo" / "metrics.jsonl").exists() or not _metrics(tmp_path / "ppo")
+
+
 def test_a_critic_with_fewer_positions_than_the_policy_is_refused(world, tmp_path):
     import shutil
 

@@ -323,3 +323,12 @@ def test_shipped_recipes_validate():
     for name in ("quickstart/rejection_sampling.yaml", "llama2_7b/rejection_sampling.yaml"):
         cfg = load_recipe(REPO / "recipes" / name)
         assert cfg.stage == "rejection_sampling"
+
+
+def test_prompts_that_cannot_fit_the_policy_stop_before_sampling(world, tmp_path):
+    from rlhf.artifacts import InputError
+
+    positions = json.loads((world / "sft" / "model" / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(InputError, match=f"sampling.max_new_tokens {positions} = .* exceeds the model's max_position_embeddings {positions}"):
+        rs.run(_cfg(world, tmp_path / "rs", **{"sampling.max_new_tokens": positions}))
+    assert not list((tmp_path / "rs").glob("samples/*.jsonl"))

@@ -44,7 +44,7 @@ from rlhf.tracking import start_trackers
 from rlhf.config import RecipeError
 from rlhf.data import Prompt, render_prompt
 from rlhf.data.load import load_data
-from rlhf.generation import Samples, row_seed, sample
+from rlhf.generation import Samples, check_fits, row_seed, sample
 from rlhf.judge import Judge, diverging
 from rlhf.logprobs import PackedPolicy, pack_responses, per_token, policy_logits, policy_logprobs, token_logprobs
 from rlhf.models import inference_dtype, load_policy
@@ -166,9 +166,9 @@ def run(cfg: PPOConfig) -> Path:
     world, rank = accelerator.num_processes, accelerator.process_index
     check_sizes(cfg, world)
     models = load_models(cfg, accelerator.device)
-    prompts, counts = load_prompts(cfg.data, cfg, models.tokenizer)
+    prompts, counts = load_prompts(cfg.data, cfg, models)
     warn_chat_format(accelerator.print, run.name, models.tokenizer, cfg.data.template, [p for p, _ in prompts], cfg)
-    held_out = load_prompts(cfg.early_stop.data, cfg, models.tokenizer)[0] if cfg.early_stop.data else None
+    held_out = load_prompts(cfg.early_stop.data, cfg, models)[0] if cfg.early_stop.data else None
     optimizers, schedulers, early, start = start_training(accelerator, run, models, held_out, cfg)
     progress = Progress(cfg.ppo.iterations, run.name, initial=start)
     metrics: dict[str, float] = {}
@@ -295,14 +295,18 @@ def freeze(model: torch.nn.Module, device) -> torch.nn.Module:
     return model.requires_grad_(False).eval().to(device)
 
 
-def load_prompts(data_cfg, cfg: PPOConfig, tokenizer) -> tuple[list[tuple[Prompt, list[int]]], dict]:
-    """Prompts with their rendered ids; those over ``sampling.max_prompt_length`` are left out."""
+def load_prompts(data_cfg, cfg: PPOConfig, models: Models) -> tuple[list[tuple[Prompt, list[int]]], dict]:
+    """Prompts with their rendered ids; those over ``sampling.max_prompt_length`` are left out.
+    An InputError when the longest plus ``sampling.max_new_tokens`` exceeds the policy's
+    positions (every process checks every prompt, so all stop together, before any iteration)."""
     data = load_data(data_cfg, "prompts", cfg.seed)
-    encoded = [(p, render_prompt(p.messages, tokenizer, cfg.data.template)) for p in data.records]
+    encoded = [(p, render_prompt(p.messages, models.tokenizer, cfg.data.template)) for p in data.records]
     kept = [(p, ids) for p, ids in encoded if len(ids) <= cfg.sampling.max_prompt_length]
     if not kept:
         raise RecipeError(f"sampling.max_prompt_length: none of the {len(encoded)} prompts fits in "
                           f"{cfg.sampling.max_prompt_length} tokens")
+    check_fits([len(ids) for _, ids in kept], cfg.sampling.max_new_tokens,
+               getattr(models.policy.model.config, "max_position_embeddings", None))
     return kept, {**data.counts(), "dropped_overlong": len(encoded) - len(kept)}
 
 

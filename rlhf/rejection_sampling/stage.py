@@ -38,7 +38,7 @@ from reward_model.model import load_judge, load_reward_model, sample_probabiliti
 from rlhf.artifacts import StageRun, model_dir, read_manifest
 from rlhf.config import RecipeError
 from rlhf.data import Prompt, load_data, read_jsonl_rows, render_prompt, write_jsonl_rows
-from rlhf.generation import length_buckets, row_seed, sample
+from rlhf.generation import check_fits, length_buckets, row_seed, sample
 from rlhf.models import inference_dtype, load_policy
 from rlhf.progress import Progress
 from rlhf.rejection_sampling.pool import (
@@ -56,8 +56,11 @@ from sft.stage import fine_tune_generated
 # 1. Prompts and samples
 
 
-def prepare_prompts(prompts: Sequence[Prompt], tokenizer: Any, cfg: RejectionSamplingConfig) -> tuple[list[Item], dict[str, int]]:
-    """Rendered prompts, each key once; prompts over ``sampling.max_prompt_length`` left out."""
+def prepare_prompts(prompts: Sequence[Prompt], tokenizer: Any, cfg: RejectionSamplingConfig,
+                    positions: int | None = None) -> tuple[list[Item], dict[str, int]]:
+    """Rendered prompts, each key once; prompts over ``sampling.max_prompt_length`` left out.
+    An InputError when the longest plus ``sampling.max_new_tokens`` exceeds the policy's
+    ``positions`` (every process checks every prompt, so all stop together, before sampling)."""
     items, seen = [], set()
     counts = {"prompts": len(prompts), "duplicates": 0, "too_long": 0}
     for prompt in prompts:
@@ -71,6 +74,7 @@ def prepare_prompts(prompts: Sequence[Prompt], tokenizer: Any, cfg: RejectionSam
             counts["too_long"] += 1
             continue
         items.append(Item(key, prompt, ids))
+    check_fits([len(i.ids) for i in items], cfg.sampling.max_new_tokens, positions)
     counts["sampled"] = len(items)
     return items, counts
 
@@ -241,7 +245,7 @@ def run(cfg: RejectionSamplingConfig) -> Path:
     dtype = inference_dtype(cfg.train.mixed_precision, accelerator.device)
     policy, tokenizer = load_policy(cfg.policy_from, accelerator.device, dtype)
     records = load_data(cfg.data, "prompts", cfg.seed).records[: cfg.data.max_prompts]
-    items, counts = prepare_prompts(records, tokenizer, cfg)
+    items, counts = prepare_prompts(records, tokenizer, cfg, getattr(policy.config, "max_position_embeddings", None))
     start = time.perf_counter()
     samples, generated = sample_all(accelerator, policy, tokenizer, items, cfg.sampling.k, cfg.sampling.temperature,
                                     cfg, round_no, stage.dir / "samples")
