@@ -19,7 +19,7 @@ import torch
 from rlhf.artifacts import InputError, StageRun, read_manifest, stage_state
 from rlhf.config import RecipeError, StageConfig, TrainConfig
 from rlhf.recipe import load_recipe
-from tiny import Crash, weights, word_world
+from tiny import Crash, toy_collate, toy_regression, weights, word_world
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -202,26 +202,12 @@ def test_non_finite_recipe_numbers_are_errors(tmp_path, override, key):
         load_recipe(recipe, [override])
 
 
-class Item:
-    num_tokens, loss_units = 1, 1
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-
-def _collate(items):
-    return torch.stack([i.x for i in items]), torch.stack([i.y for i in items])
-
-
 def _train(tmp_path: Path, name: str, loss_hook=None, **train):
     """The toy of test_training: a small MLP, 24 items, 6 steps of 8 in 2 micro-batches each,
     a checkpoint every 2 steps; ``loss_hook(step, model, loss)`` may crash or poison it."""
     from rlhf.training import make_accelerator, train_loop
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    gen = torch.Generator().manual_seed(1)
-    items = [Item(torch.randn(4, generator=gen), torch.randn(1, generator=gen)) for _ in range(24)]
+    model, items = toy_regression()
     calls = {"n": 0}
 
     def loss_fn(model, batch):
@@ -232,7 +218,7 @@ def _train(tmp_path: Path, name: str, loss_hook=None, **train):
 
     cfg = TrainConfig(lr=1e-2, batch_size=8, micro_batch_size=4, epochs=2, save_every=2, **train)
     run = StageRun(StageConfig(stage="toy", output_dir=tmp_path / name)).start()
-    metrics = train_loop(run, model, items, _collate, loss_fn, cfg, seed=0, accelerator=make_accelerator(cfg))
+    metrics = train_loop(run, model, items, toy_collate, loss_fn, cfg, seed=0, accelerator=make_accelerator(cfg))
     return model, metrics, run
 
 

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from reward_model.model import RewardModel, load_reward_model
-from rlhf.config import validate
 from rlhf.data import Message, read_jsonl_rows, render_prompt
 from rlhf.models import load_tokenizer
-from tiny import PROMPT_CORPUS, bpe_tokenizer, llama_config, override, ppo_config, read_jsonl, stage_world, tiny_llama, word_tokenizer
+from tiny import PROMPT_CORPUS, bpe_tokenizer, llama_config, ppo_config, read_jsonl, rs_config, stage_world, tiny_llama, word_tokenizer
 
 WORDS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "hi", "hello", "bye", "ok", "no"]
 
@@ -109,18 +108,9 @@ def scored(monkeypatch) -> dict[str, list]:
     return seen
 
 
-def _rs_cfg(world: Path, out: Path, **overrides):
-    from rlhf.rejection_sampling.config import RejectionSamplingConfig
-
-    data = {
-        "stage": "rejection_sampling", "output_dir": str(out), "policy_from": str(world / "sft"),
-        "helpfulness_rm_from": str(world / "rm_h"), "safety_rm_from": str(world / "rm_other"),
-        "data": {"sources": [{"path": str(world / "prompts.jsonl")}], "max_length": 64},
-        "sampling": {"k": 2, "max_new_tokens": 6, "batch_size": 16},
-        "pool_truncated": True,
-        "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 2, "max_steps": 1},
-    }
-    return validate(RejectionSamplingConfig, override(data, overrides), "test")
+def _rs_cfg(world: Path, out: Path):
+    return rs_config(world, out, safety_rm_from=str(world / "rm_other"), pool_truncated=True,
+                     **{"sampling.max_new_tokens": 6})
 
 
 def test_rejection_sampling_scores_the_generated_ids_where_the_tokens_are_shared(world, tmp_path, scored):

@@ -1,6 +1,5 @@
 import json
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from rlhf.config import RecipeError, StageConfig, TrainConfig
 from rlhf.training import (
     epoch_order, lr_factor, make_accelerator, micro_batches, plan_steps, train_loop, warmup_steps,
 )
-from tiny import Crash
+from tiny import Crash, toy_collate, toy_regression
 
 
 def test_cosine_schedule_hand_worked():
@@ -44,23 +43,8 @@ def test_plan_and_partition():
     assert sorted(epoch_order(8, 0, 1)) == list(range(8))
 
 
-@dataclass
-class Item:
-    x: torch.Tensor
-    y: torch.Tensor
-    num_tokens: int = 1
-    loss_units: int = 1
-
-
-def _collate(items):
-    return torch.stack([i.x for i in items]), torch.stack([i.y for i in items])
-
-
 def _train(tmp_path, name, crash_after=None, **train):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    gen = torch.Generator().manual_seed(1)
-    items = [Item(torch.randn(4, generator=gen), torch.randn(1, generator=gen)) for _ in range(24)]
+    model, items = toy_regression()
     calls = {"n": 0}
 
     def loss_fn(model, batch):
@@ -72,7 +56,7 @@ def _train(tmp_path, name, crash_after=None, **train):
 
     cfg = TrainConfig(lr=1e-2, batch_size=8, micro_batch_size=4, epochs=2, save_every=2, **train)
     run = StageRun(StageConfig(stage="toy", output_dir=tmp_path / name)).start()
-    metrics = train_loop(run, model, items, _collate, loss_fn, cfg, seed=0, accelerator=make_accelerator(cfg))
+    metrics = train_loop(run, model, items, toy_collate, loss_fn, cfg, seed=0, accelerator=make_accelerator(cfg))
     return model, metrics, run
 
 

@@ -28,7 +28,7 @@ from rlhf.generation import Samples, sample
 from rlhf.models import load_tokenizer
 from rlhf.rewards import logit, safety_gate
 from rlhf.stages import config_class
-from tiny import (PROMPT_CORPUS, bpe_tokenizer, llama_config, override, ppo_config, read_jsonl, save_reward_model, stage_dir,
+from tiny import (PROMPT_CORPUS, bpe_tokenizer, llama_config, override, ppo_config, read_jsonl, rs_config, save_reward_model, stage_dir,
                   stage_world, tiny_llama, word_tokenizer, word_world)
 
 EOS = 2  # of every tokenizer in tiny.py
@@ -138,19 +138,6 @@ def world(tmp_path_factory) -> Path:
                        tiny_llama(len(tokenizer), max_positions=256), {"rm_h": 1, "rm_s": 2}, prompt_ids=True)
 
 
-def _rs_cfg(world: Path, out: Path, **overrides):
-    from rlhf.rejection_sampling.config import RejectionSamplingConfig
-
-    data = {
-        "stage": "rejection_sampling", "output_dir": str(out), "policy_from": str(world / "sft"),
-        "helpfulness_rm_from": str(world / "rm_h"), "safety_rm_from": str(world / "rm_s"),
-        "data": {"sources": [{"path": str(world / "prompts.jsonl")}], "max_length": 64},
-        "sampling": {"k": 2, "max_new_tokens": 4, "batch_size": 16},
-        "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 2, "max_steps": 1},
-    }
-    return validate(RejectionSamplingConfig, override(data, overrides), "test")
-
-
 def _previous_pool(root: Path, keys: list[str]) -> Path:
     """A finished rejection_sampling stage whose pool answers "ok" (finished) to ``keys``,
     scored 0 (any candidate would beat it) by other reward models (so it is re-scored)."""
@@ -170,7 +157,7 @@ def test_rejection_sampling_keeps_truncated_answers_out_of_the_pool(world, tmp_p
 
     previous = _previous_pool(tmp_path / "round1", ["p0", "p1", "p2", "p3"])
     never_ends(monkeypatch)
-    out = rs.run(_rs_cfg(world, tmp_path / "rs", pool_from=str(previous)))
+    out = rs.run(rs_config(world, tmp_path / "rs", pool_from=str(previous)))
     pool = read_jsonl(out / "pool.jsonl")
     assert sorted(e["key"] for e in pool) == ["p0", "p1", "p2", "p3"]  # none of p4..p7 added
     assert all(e["finished"] and e["response"] == "ok" and e["round"] == 1 for e in pool)
@@ -187,14 +174,14 @@ def test_rejection_sampling_with_no_finished_answer_at_all_says_what_to_change(w
 
     never_ends(monkeypatch)
     with pytest.raises(RecipeError, match="sampling.max_new_tokens: all 16 samples were cut.*pool_truncated"):
-        rs.run(_rs_cfg(world, tmp_path / "rs"))
+        rs.run(rs_config(world, tmp_path / "rs"))
 
 
 def test_rejection_sampling_lets_penalised_truncated_answers_compete_when_asked(world, tmp_path, monkeypatch):
     import rlhf.rejection_sampling.stage as rs
 
     never_ends(monkeypatch)
-    out = rs.run(_rs_cfg(world, tmp_path / "rs", pool_truncated=True, missing_eos_penalty=2.0))
+    out = rs.run(rs_config(world, tmp_path / "rs", pool_truncated=True, missing_eos_penalty=2.0))
     samples = {s["key"]: s for s in read_jsonl(out / "samples.jsonl")}
     for s in samples.values():  # R_c = sigmoid(LOGIT(gated R_h / R_s) - 2) for each truncated sample
         for x in s["scores"]:

@@ -210,6 +210,22 @@ def hh_rows(path: Path, pairs: list[tuple[list[str], str, str]]) -> Path:
     return path
 
 
+def rs_config(world: Path, out: Path, **overrides):
+    """A rejection-sampling config on a ``stage_world``: 2 samples of 4 tokens per prompt, one
+    fine-tuning step of 2; ``overrides`` are dotted keys or whole groups."""
+    from rlhf.config import validate
+    from rlhf.rejection_sampling.config import RejectionSamplingConfig
+
+    data = {
+        "stage": "rejection_sampling", "output_dir": str(out), "policy_from": str(world / "sft"),
+        "helpfulness_rm_from": str(world / "rm_h"), "safety_rm_from": str(world / "rm_s"),
+        "data": {"sources": [{"path": str(world / "prompts.jsonl")}], "max_length": 64},
+        "sampling": {"k": 2, "max_new_tokens": 4, "batch_size": 16},
+        "train": {"lr": 1e-2, "batch_size": 2, "micro_batch_size": 2, "max_steps": 1},
+    }
+    return validate(RejectionSamplingConfig, override(data, overrides), "test")
+
+
 def ppo_config(world: Path, out: Path, **overrides):
     """A PPO config on a ``stage_world``: 2 iterations of 4 prompts, 6-token answers, two
     mini-batches of 2, lr 1e-2; ``overrides`` are dotted keys (``"ppo.beta": 0.1``) or whole groups."""
@@ -264,3 +280,28 @@ def echo_round_world(root: Path) -> Path:
     for week in (1, 2):
         (root / f"week{week}.jsonl").write_text("".join(ECHO_PAIR.format(i=10 * week + i) for i in range(3)))
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy of the training-loop tests: a small MLP regressing 24 random items
+
+
+class ToyItem:
+    """One training item of the toy: input ``x`` (4,), target ``y`` (1,); one token, one loss unit."""
+
+    num_tokens, loss_units = 1, 1
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+
+def toy_collate(items: list[ToyItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([i.x for i in items]), torch.stack([i.y for i in items])
+
+
+def toy_regression() -> tuple[torch.nn.Module, list[ToyItem]]:
+    """A 4-8-1 MLP (weights after ``torch.manual_seed(0)``) and its 24 items (seed 1)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    gen = torch.Generator().manual_seed(1)
+    return model, [ToyItem(torch.randn(4, generator=gen), torch.randn(1, generator=gen)) for _ in range(24)]
