@@ -202,9 +202,18 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
                 rows.append(row)
             lines += [f"Policies on held-out prompts (baseline: {rnd.get('baseline')}; rewards on the "
                       "probability scale under this round's reward models):", ""]
-            lines += _table(header, rows) + [""]
+            lines += _table(header, rows) + [""] + _by_task_lines(rnd["policies"])
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines) + "\n"
+
+
+def _by_task_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
+    """Gold helpfulness per helpful task, a row per policy (greedy answers)."""
+    tasks = list(dict.fromkeys(t for p in policies.values() for t in ((p.get("gold") or {}).get("by_task") or {})))
+    if not tasks:
+        return []
+    rows = [[name, *((p.get("gold") or {}).get("by_task", {}).get(t) for t in tasks)] for name, p in policies.items()]
+    return ["Gold helpfulness by task (greedy answers):", ""] + _table(["policy", *tasks], rows) + [""]
 
 
 def _progress_lines(rows: list[dict[str, Any]]) -> list[str]:

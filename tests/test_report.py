@@ -254,3 +254,15 @@ def test_a_plain_pipeline_has_no_progress_over_rounds(tmp_path):
     out = write_report(root)
     assert json.loads((out / "summary.json").read_text())["progress"] == []
     assert "Progress over rounds" not in (out / "README.md").read_text() and not (out / "rounds.png").exists()
+
+
+def test_the_report_shows_gold_helpfulness_by_task_per_policy(tmp_path):
+    root = pipeline_dir(tmp_path / "run", {"evaluate": "evaluate"})
+    stage_dir(root / "evaluate", "evaluate")
+    (root / "evaluate" / "eval").mkdir()
+    sft, rs = scores(0.4, 0.7), scores(0.5, 0.75)
+    sft["gold"]["by_task"], rs["gold"]["by_task"] = {"add": 0.5, "reverse": 0.9}, {"add": 1.0, "reverse": 0.5}
+    (root / "evaluate" / "eval" / "summary.json").write_text(json.dumps({"policies": {"sft": sft, "rs": rs}}))
+    readme = (write_report(root) / "README.md").read_text()
+    assert "| policy | add | reverse |" in readme
+    assert "| sft | 0.500 | 0.900 |" in readme and "| rs | 1.000 | 0.500 |" in readme

@@ -54,7 +54,7 @@ def test_summarize_means_by_kind():
     summary = summarize(prompts, responses)
     # helpfulness (1.0 + 0.5) / 2; one of two harmful refused; one of two borderline refused
     assert summary == {"helpfulness": 0.75, "accuracy": 0.5, "safety": 0.5, "false_refusal": 0.5,
-                       "n": {"helpful": 2, "harmful": 2, "borderline": 2}}
+                       "n": {"helpful": 2, "harmful": 2, "borderline": 2}, "by_task": {"add": 1.0, "sort": 0.5}}
     assert has_gold(prompts) and not has_gold([Prompt([Message("user", "hi")])])
 
 
@@ -147,7 +147,7 @@ def test_evaluate_gold_on_a_saved_model(tmp_path):
     summary = evaluate_gold(model, path, max_new_tokens=4, batch_size=2)
     # an untrained model neither answers right nor refuses
     assert summary == {"helpfulness": WRONG, "accuracy": 0.0, "safety": 0.0, "false_refusal": 0.0,
-                       "n": {"helpful": 2, "harmful": 1, "borderline": 1}}
+                       "n": {"helpful": 2, "harmful": 1, "borderline": 1}, "by_task": {"add": WRONG, "sort": WRONG}}
 
 
 def test_sampled_gold_at_a_near_zero_temperature_scores_the_greedy_answers(tmp_path):
