@@ -82,12 +82,14 @@ def kept_iteration(metrics: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def rs_summary(stage_dir: Path) -> dict[str, Any]:
-    """Per prompt category: the reward R_c of one sample and the best of K (max, median), and the
-    judge's score of one sample and of the one the reward models chose among K."""
+    """Per prompt category: the reward R_c of one sample and the best of K (max, median), the
+    judge's score of one sample, of the one the reward models chose among K and of its own best of
+    K, and how often R_c orders two samples as the judge does (``judge_agreement``)."""
     report = _read_json(stage_dir / "report" / "summary.json") or {}
     return {name: {"prompts": c["prompts"], "K": len(c["max"]), "reward_1": c["max"][0], "max_K": c["max"][-1],
                    "median_K": c["median"][-1], "judge_1": c.get("judge_mean"),
-                   "judge_chosen_K": (c.get("judge_of_chosen") or [None])[-1]}
+                   "judge_chosen_K": (c.get("judge_of_chosen") or [None])[-1], "judge_best_K": c.get("judge_best"),
+                   "judge_agreement": c.get("judge_agreement")}
             for name, c in report.get("best_of_k", {}).items()}
 
 
@@ -170,7 +172,8 @@ POLICY_COLUMNS = [
     ("judge_score", "judge"), ("judge_win_rate_vs_baseline", "judge win vs baseline"),
 ]
 RS_COLUMNS = [("prompts", "prompts"), ("reward_1", "R_c of 1"), ("max_K", "max of K"), ("median_K", "median of K"),
-              ("judge_1", "judge of 1"), ("judge_chosen_K", "judge of chosen of K")]
+              ("judge_1", "judge of 1"), ("judge_chosen_K", "judge of chosen of K"),
+              ("judge_best_K", "judge's own best of K"), ("judge_agreement", "R_c-judge agreement")]
 GOLD_COLUMNS = [("helpfulness", "gold helpfulness"), ("safety", "gold safety"), ("false_refusal", "false refusals")]
 SAMPLED_GOLD_COLUMNS = [(key, f"sampled {name.removeprefix('gold ')}") for key, name in GOLD_COLUMNS]
 
@@ -231,7 +234,9 @@ def _training_lines(rnd: dict[str, Any]) -> list[str]:
     lines = []
     for name, cats in rnd.get("rejection_sampling", {}).items():
         lines += [f"{name}: reward of one sample and of the best of K, and the judge's score of the sample the "
-                  "reward models chose (proxy up, judge flat: the reward models are being gamed):", ""]
+                  "reward models chose (proxy up, judge flat: the reward models are being gamed), beside the judge's "
+                  "own best of K (the ceiling) and how often R_c orders two samples of a prompt as the judge does "
+                  "(0.5: blind there):", ""]
         lines += _table(["category", *(h for _, h in RS_COLUMNS)], [[c, *(v.get(k) for k, _ in RS_COLUMNS)]
                                                                      for c, v in cats.items()]) + [""]
     for name, ppo in rnd.get("ppo", {}).items():
@@ -307,6 +312,8 @@ def _rs_closing(stage_dir: Path) -> list[str]:
             f"({rs['max_K'] - rs['reward_1']:+.3f})")
     if rs["judge_1"] is not None:
         line += f"; judge of the chosen sample {_fmt(rs['judge_chosen_K'])} vs one sample {_fmt(rs['judge_1'])}"
+    if rs["judge_best_K"] is not None:
+        line += f" and its own best {_fmt(rs['judge_best_K'])}; R_c-judge agreement {_fmt(rs['judge_agreement'])}"
     return [line]
 
 

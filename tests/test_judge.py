@@ -115,6 +115,22 @@ def test_judge_of_the_chosen_sample_vs_k():
     assert chosen_judge_curve([2, 2], [0.0, 1.0]) == pytest.approx([0.5, 0.0])  # ties: the first, as best_of
     curves = average_curves({"a": [1, 3, 2]}, ["a"], {"a": [0.1, 0.5, 0.9]})
     assert curves["judge_of_chosen"] == pytest.approx([0.5, 1.9 / 3, 0.5]) and curves["judge_mean"] == pytest.approx(0.5)
+    assert curves["judge_best"] == pytest.approx(0.9)
+    # the judge orders all 3 pairs; R_c agrees on (0,1) and (0,2) but puts 1 above 2: 2 of 3
+    assert curves["judge_agreement"] == pytest.approx(2 / 3)
+
+
+def test_reward_judge_agreement_counts_only_the_pairs_the_judge_orders():
+    from rlhf.rejection_sampling.report import average_curves, judge_agreement
+
+    assert judge_agreement([1, 3, 2], [0.1, 0.5, 0.5]) == (2, 2)  # (1, 2): a judge tie, not counted
+    assert judge_agreement([1, 1], [0.0, 1.0]) == (0.5, 1)  # a reward tie: half
+    assert judge_agreement([2, 1], [0.0, 1.0]) == (0, 1)
+    # pooled over prompts (pairs, not prompts, weigh); a prompt the judge cannot order adds nothing
+    curves = average_curves({"a": [1, 3, 2], "b": [2, 1], "c": [5, 4]}, ["a", "b", "c"],
+                            {"a": [0.1, 0.5, 0.5], "b": [0.0, 1.0], "c": [0.7, 0.7]})
+    assert curves["judge_agreement"] == pytest.approx(2 / 3)
+    assert average_curves({"c": [5, 4]}, ["c"], {"c": [0.7, 0.7]})["judge_agreement"] is None
 
 
 def test_diverging_fires_on_proxy_up_judge_down_only():

@@ -104,6 +104,11 @@ def test_closing_lines_of_a_reward_model_rejection_sampling_and_the_evaluation(t
         "prompts": 10, "max": [0.4, 0.5, 0.55], "median": [0.4, 0.4, 0.4], "judge_of_chosen": [0.3, 0.32, 0.35], "judge_mean": 0.3}}}))
     assert stage_summary(rs, "rejection_sampling") == [
         "done: R_c of the best of 3 samples 0.550 vs one sample 0.400 (+0.150); judge of the chosen sample 0.350 vs one sample 0.300"]
+    (rs / "report" / "summary.json").write_text(json.dumps({"best_of_k": {"all": {
+        "prompts": 10, "max": [0.4, 0.5, 0.55], "median": [0.4, 0.4, 0.4], "judge_of_chosen": [0.3, 0.32, 0.35], "judge_mean": 0.3,
+        "judge_best": 0.6, "judge_agreement": 0.55}}}))
+    assert stage_summary(rs, "rejection_sampling")[0].endswith(
+        "judge of the chosen sample 0.350 vs one sample 0.300 and its own best 0.600; R_c-judge agreement 0.550")
     ev = stage_dir(tmp_path / "ev", "evaluate")
     (ev / "eval").mkdir()
     (ev / "eval" / "summary.json").write_text(json.dumps({"baseline": "runs/sft", "prompts": 8, "policies": {

@@ -5,6 +5,7 @@ were cut at the token limit."""
 
 from __future__ import annotations
 
+from itertools import combinations
 from math import comb
 from pathlib import Path
 from typing import Any, Sequence
@@ -48,6 +49,19 @@ def chosen_judge_curve(rewards: Sequence[float], judges: Sequence[float]) -> lis
     return [sum(judges[j] * comb(i, k - 1) for i, j in enumerate(order)) / comb(n, k) for k in range(1, n + 1)]
 
 
+def judge_agreement(rewards: Sequence[float], judges: Sequence[float]) -> tuple[float, int]:
+    """Over the pairs of one prompt's samples that the judge orders (unequal judge scores): how
+    many the reward orders the same way (a reward tie counts a half), and how many there are.
+    rewards [1, 3, 2], judges [.1, .5, .5]: pairs (0, 1) and (0, 2) are ordered, both agree -> (2, 2)."""
+    agree, ordered = 0.0, 0
+    for a, b in combinations(range(len(rewards)), 2):
+        if judges[a] != judges[b]:
+            ordered += 1
+            same_way = (rewards[a] - rewards[b]) * (judges[a] - judges[b])
+            agree += 1.0 if same_way > 0 else 0.5 if same_way == 0 else 0.0
+    return agree, ordered
+
+
 def prompt_categories(items: Sequence[Item]) -> dict[str, list[str]]:
     """Category -> keys: all, helpfulness / safety prompts, and each source when there are several."""
     cats = {"all": [i.key for i in items], "helpfulness": [i.key for i in items if not i.prompt.is_safety],
@@ -61,13 +75,19 @@ def prompt_categories(items: Sequence[Item]) -> dict[str, list[str]]:
 def average_curves(rewards: dict[str, list[float]], keys: Sequence[str],
                    judges: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Fig. 7's max and median curves averaged over the prompts of ``keys``; with ``judges``,
-    also ``judge_of_chosen`` (``chosen_judge_curve``) and ``judge_mean``, a random sample's."""
+    also ``judge_of_chosen`` (``chosen_judge_curve``), ``judge_mean`` (a random sample's),
+    ``judge_best`` (the judge's own best of K: what a reward model that agreed with it would choose)
+    and ``judge_agreement`` (``judge_agreement`` pooled over the prompts; None where the judge
+    orders no pair)."""
     curves = [best_of_k_curve(rewards[k]) for k in keys]
     mean = lambda rows: [sum(col) / len(col) for col in zip(*rows)]  # noqa: E731
     out = {"prompts": len(keys), "max": mean([c["max"] for c in curves]), "median": mean([c["median"] for c in curves])}
     if judges:
         out["judge_of_chosen"] = mean([chosen_judge_curve(rewards[k], judges[k]) for k in keys])
         out["judge_mean"] = out["judge_of_chosen"][0]
+        out["judge_best"] = sum(max(judges[k]) for k in keys) / len(keys)
+        agree, ordered = map(sum, zip(*(judge_agreement(rewards[k], judges[k]) for k in keys)))
+        out["judge_agreement"] = agree / ordered if ordered else None
     return out
 
 
