@@ -212,10 +212,11 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
 
 def _by_task_lines(policies: dict[str, dict[str, Any]]) -> list[str]:
     """Gold helpfulness per helpful task, a row per policy (greedy answers)."""
-    tasks = list(dict.fromkeys(t for p in policies.values() for t in ((p.get("gold") or {}).get("by_task") or {})))
+    by_task = {name: (p.get("gold") or {}).get("by_task") or {} for name, p in policies.items()}
+    tasks = list(dict.fromkeys(t for scores in by_task.values() for t in scores))
     if not tasks:
         return []
-    rows = [[name, *((p.get("gold") or {}).get("by_task", {}).get(t) for t in tasks)] for name, p in policies.items()]
+    rows = [[name, *(scores.get(t) for t in tasks)] for name, scores in by_task.items()]
     return ["Gold helpfulness by task (greedy answers):", ""] + _table(["policy", *tasks], rows) + [""]
 
 

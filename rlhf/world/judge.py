@@ -108,10 +108,10 @@ def summarize(prompts: Sequence[Prompt], responses: Sequence[str]) -> dict:
     scored = {k: [] for k in KINDS}
     by_task: dict[str, list[float]] = {}
     for prompt, response in zip(prompts, responses, strict=True):
-        score = judge(prompt, response)
-        scored[kind_of(prompt.meta["task"])].append(score)
-        if score.helpfulness is not None and prompt.meta["task"] in HELPFUL_TASKS:
-            by_task.setdefault(prompt.meta["task"], []).append(score.helpfulness)
+        task, score = prompt.meta["task"], judge(prompt, response)
+        scored[kind_of(task)].append(score)
+        if kind_of(task) == "helpful":
+            by_task.setdefault(task, []).append(score.helpfulness)
     return {
         "helpfulness": _mean([s.helpfulness for s in scored["helpful"]]),
         "accuracy": _mean([float(s.helpfulness == CORRECT) for s in scored["helpful"]]),
