@@ -14,6 +14,7 @@ import yaml
 
 from launch import launch
 import rlhf.rejection_sampling.pool as rs_pool
+from rlhf.prompt_sampling import Item, prompt_key
 import rlhf.rejection_sampling.report as rs_report
 import rlhf.rejection_sampling.stage as rs
 from rlhf.config import RecipeError, validate
@@ -126,9 +127,9 @@ def test_fine_tuning_rows_are_prompt_masked():
 
 def test_prompt_keys_and_categories():
     a = Prompt([Message("user", "x")])
-    assert rs_pool.prompt_key(a) == rs_pool.prompt_key(Prompt([Message("user", "x")])) != rs_pool.prompt_key(Prompt([Message("user", "y")]))
-    assert rs_pool.prompt_key(Prompt([Message("user", "x")], id="p7")) == "p7"
-    items = [rs_pool.Item("1", a, []), rs_pool.Item("2", Prompt([Message("user", "z")], is_safety=True, source="adv"), [])]
+    assert prompt_key(a) == prompt_key(Prompt([Message("user", "x")])) != prompt_key(Prompt([Message("user", "y")]))
+    assert prompt_key(Prompt([Message("user", "x")], id="p7")) == "p7"
+    items = [Item("1", a, []), Item("2", Prompt([Message("user", "z")], is_safety=True, source="adv"), [])]
     assert rs_report.prompt_categories(items) == {"all": ["1", "2"], "helpfulness": ["1"], "safety": ["2"],
                                            "source:": ["1"], "source:adv": ["2"]}
 
@@ -286,7 +287,9 @@ def test_calibrated_without_a_calibrated_safety_reward_model_stops_before_sampli
 
 
 def test_resume_samples_only_the_buckets_left(world, round1, tmp_path, monkeypatch):
-    real, calls, crash = rs.sample_bucket, [], [True]
+    import rlhf.prompt_sampling as prompt_sampling
+
+    real, calls, crash = prompt_sampling.sample_bucket, [], [True]
 
     def crash_on_second(*args, **kwargs):
         calls.append(len(args[2]))
@@ -294,7 +297,7 @@ def test_resume_samples_only_the_buckets_left(world, round1, tmp_path, monkeypat
             raise Crash
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rs, "sample_bucket", crash_on_second)
+    monkeypatch.setattr(prompt_sampling, "sample_bucket", crash_on_second)
     with pytest.raises(Crash):
         rs.run(_cfg(world, tmp_path / "rs"))
     assert len(list((tmp_path / "rs" / "samples").glob("bucket-*.jsonl"))) == 1

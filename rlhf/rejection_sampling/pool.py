@@ -3,31 +3,12 @@ far (``pool.jsonl`` in the stage directory), carried from round to round (``pool
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.data import DataError, Message, Problem, Prompt, SFTExample, read_jsonl_rows, to_dict
+from rlhf.prompt_sampling import Item
 
 POOL = "pool.jsonl"
-
-
-@dataclass
-class Item:
-    """A prompt to sample: its pool key, the record, its rendered ids."""
-
-    key: str
-    prompt: Prompt
-    ids: list[int]
-
-
-def prompt_key(prompt: Prompt) -> str:
-    """The pool's key of a prompt across rounds: its id, or a hash of its conversation."""
-    if prompt.id:
-        return str(prompt.id)
-    blob = json.dumps(to_dict(prompt)["prompt"], ensure_ascii=False, sort_keys=True)
-    return "sha1:" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def scored_by(fingerprints: dict[str, str], threshold: float, penalty: float | None) -> dict:

@@ -14,7 +14,7 @@ from rlhf.artifacts import write_json_atomic
 from rlhf.data import write_jsonl_rows
 from rlhf.generation import truncation
 from rlhf.report import legend_outside, pyplot, save_figure
-from rlhf.rejection_sampling.pool import Item
+from rlhf.prompt_sampling import Item
 
 
 def subset_order_statistic(values: Sequence[float], k: int, j: int) -> float:

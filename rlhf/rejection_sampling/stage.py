@@ -37,13 +37,11 @@ import torch
 from reward_model.model import load_judge, load_reward_model, sample_probabilities, scoring
 from rlhf.artifacts import StageRun, model_dir, read_manifest
 from rlhf.config import RecipeError
-from rlhf.data import Prompt, load_data, read_jsonl_rows, render_prompt, write_jsonl_rows
-from rlhf.generation import check_fits, length_buckets, row_seed, sample
+from rlhf.data import Prompt, load_data, write_jsonl_rows
 from rlhf.models import inference_dtype, load_policy
-from rlhf.progress import Progress
+from rlhf.prompt_sampling import Item, gather_dict, prepare_prompts, sample_all
 from rlhf.rejection_sampling.pool import (
-    POOL, Item, entry_finished, entry_prompt, pool_entry, pool_examples, prompt_key, read_pool, scored_by,
-    update_pool,
+    POOL, entry_finished, entry_prompt, pool_entry, pool_examples, read_pool, scored_by, update_pool,
 )
 from rlhf.rejection_sampling.config import RejectionSamplingConfig
 from rlhf.rejection_sampling.report import sample_truncation, write_report
@@ -53,80 +51,7 @@ from sft.stage import fine_tune_generated
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Prompts and samples
-
-
-def prepare_prompts(prompts: Sequence[Prompt], tokenizer: Any, cfg: RejectionSamplingConfig,
-                    positions: int | None = None) -> tuple[list[Item], dict[str, int]]:
-    """Rendered prompts, each key once; prompts over ``sampling.max_prompt_length`` left out.
-    An InputError when the longest plus ``sampling.max_new_tokens`` exceeds the policy's
-    ``positions`` (every process checks every prompt, so all stop together, before sampling)."""
-    items, seen = [], set()
-    counts = {"prompts": len(prompts), "duplicates": 0, "too_long": 0}
-    for prompt in prompts:
-        key = prompt_key(prompt)
-        if key in seen:
-            counts["duplicates"] += 1
-            continue
-        seen.add(key)
-        ids = render_prompt(prompt.messages, tokenizer, cfg.data.template)
-        if len(ids) > cfg.sampling.max_prompt_length:
-            counts["too_long"] += 1
-            continue
-        items.append(Item(key, prompt, ids))
-    check_fits([len(i.ids) for i in items], cfg.sampling.max_new_tokens, positions)
-    counts["sampled"] = len(items)
-    return items, counts
-
-
-def gather_dict(accelerator, mine: dict) -> dict:
-    """The union of every process's dict."""
-    if accelerator.num_processes == 1:
-        return mine
-    from accelerate.utils import gather_object
-
-    return {k: v for part in gather_object([mine]) for k, v in part.items()}
-
-
-def sample_bucket(policy, tokenizer, bucket: Sequence[Item], k: int, temperature: float,
-                  cfg: RejectionSamplingConfig, round_no: int) -> dict[str, dict[str, list]]:
-    """key -> {"responses": K texts, "response_ids": their K generated ids, "tokens": K lengths,
-    "finished": K flags (ended with EOS)}; row j of a prompt is seeded with (seed, key, round, j),
-    so it draws the same tokens in any batch."""
-    rows = [item.ids for item in bucket for _ in range(k)]
-    seeds = [row_seed(cfg.seed, item.key, round_no, j) for item in bucket for j in range(k)]
-    s = cfg.sampling
-    out = sample(policy, tokenizer, rows, seeds, s.max_new_tokens, temperature, s.top_p, batch_size=len(rows))
-    return {item.key: {"responses": out.texts[i * k : (i + 1) * k], "response_ids": out.response_ids[i * k : (i + 1) * k],
-                       "tokens": [len(r) for r in out.response_ids[i * k : (i + 1) * k]],
-                       "finished": out.finished[i * k : (i + 1) * k]}
-            for i, item in enumerate(bucket)}
-
-
-def sample_all(accelerator, policy, tokenizer, items: Sequence[Item], k: int, temperature: float,
-               cfg: RejectionSamplingConfig, round_no: int, out: Path) -> tuple[dict[str, dict], int]:
-    """Every prompt's K samples (key -> ``sample_bucket``'s entry), and the tokens generated now.
-    Bucket b is sampled by process b % world and written to ``out/bucket-b.jsonl``; a bucket
-    already there (an interrupted run) is read back instead."""
-    rank, world = accelerator.process_index, accelerator.num_processes
-    buckets = length_buckets([len(item.ids) for item in items], max(1, cfg.sampling.batch_size // k))
-    out.mkdir(parents=True, exist_ok=True)
-    mine, generated = {}, 0
-    progress = Progress(len(buckets), f"sampling {k} per prompt, T={temperature:g}")
-    for b in range(rank, len(buckets), world):
-        path = out / f"bucket-{b:05d}.jsonl"
-        if not path.exists():
-            found = sample_bucket(policy, tokenizer, [items[i] for i in buckets[b]], k, temperature, cfg, round_no)
-            write_jsonl_rows(path, [{"key": key, **v} for key, v in found.items()])
-            generated += sum(sum(v["tokens"]) for v in found.values())
-        mine.update({row.pop("key"): row for row in read_jsonl_rows(path)})
-        progress.update(world)
-    progress.close()
-    return gather_dict(accelerator, mine), int(accelerator.reduce(torch.tensor(generated, device=accelerator.device), "sum"))
-
-
-# ---------------------------------------------------------------------------------------------
-# 2. Scores
+# 2. Scores (1., the samples, is ``rlhf.prompt_sampling``)
 
 
 @dataclass
