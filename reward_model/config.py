@@ -20,13 +20,13 @@ Defaults are the Llama 2-Chat values (Sec. 3.2.2): 1 epoch, max lr 1e-5 with cos
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from rlhf.data.config import DataConfig, LengthLimit, RatingLabel, SourceConfig
 from rlhf.data.records import RATING_ALIASES, RATINGS
-from rlhf.config import POLICY_KINDS, ModelConfig, StageConfig, Strict, Template, TrainConfig
+from rlhf.config import PAIRS, POLICY_KINDS, ModelConfig, StageConfig, Strict, Template, TrainConfig
 
 
 class RMDataConfig(DataConfig, LengthLimit):
@@ -104,6 +104,7 @@ class RMEvalConfig(Strict):
 class RewardModelConfig(StageConfig):
     INPUTS: ClassVar[dict[str, tuple[str, ...]]] = {
         "model_from": POLICY_KINDS,
+        "pairs_from.*": ("preferences",),
     }
     HUB_INPUTS: ClassVar[tuple[str, ...]] = ("model_from",)
 
@@ -113,7 +114,26 @@ class RewardModelConfig(StageConfig):
                              "by a scalar head): a policy stage directory, a Hugging Face checkpoint "
                              "directory, or a hub model id (`org/name`).")
     model: ModelConfig = ModelConfig()
+    pairs_from: dict[str, Path] = Field({}, description="Source name -> a preferences stage: its pairs "
+                                        "(comparisons of a policy's own answers) join data.sources under that "
+                                        "name, for data.mixture to place.")
     data: RMDataConfig
     loss: RMLossConfig = RMLossConfig()
     train: RMTrainConfig = RMTrainConfig()
     eval: RMEvalConfig = RMEvalConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pairs_from_are_sources(cls, data: Any) -> Any:
+        """Each ``pairs_from`` entry becomes the data source ``{name, path: STAGE/pairs.jsonl}``
+        (once: a config read back already has it)."""
+        if not isinstance(data, dict) or not isinstance(data.get("pairs_from"), dict) or not isinstance(data.get("data"), dict):
+            return data
+        sources = list(data["data"].get("sources") or [])
+        for name, stage_dir in data["pairs_from"].items():
+            source = {"name": name, "path": str(Path(str(stage_dir)) / PAIRS)}
+            same = [s for s in sources if isinstance(s, dict) and s.get("name") == name]
+            if same and any(str(s.get("path")) != source["path"] for s in same):
+                raise ValueError(f"pairs_from.{name}: data.sources already has a source named {name}")
+            sources += [] if same else [source]
+        return {**data, "data": {**data["data"], "sources": sources}}

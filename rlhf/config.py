@@ -50,6 +50,7 @@ Tracker = Literal["tensorboard", "wandb"]
 # Hugging Face checkpoint directory.
 POLICY_KINDS = ("base_model", "sft", "rejection_sampling", "ppo", "gatt", "context_distillation", "hf")
 REWARD_MODEL_KINDS = ("reward_model",)
+PAIRS = "pairs.jsonl"  # a preferences stage's pairs, read by a reward_model stage's pairs_from
 
 
 def _gate_threshold(value: Any) -> Any:

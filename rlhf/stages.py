@@ -20,6 +20,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "context_distillation": ("rlhf.context_distillation.config:ContextDistillationConfig",
                              "rlhf.context_distillation.stage:run"),
     "evaluate": ("rlhf.evaluate.config:EvaluateConfig", "rlhf.evaluate.stage:run"),
+    "preferences": ("rlhf.preferences.config:PreferencesConfig", "rlhf.preferences.stage:run"),
 }
 
 # Commands of the CLI that live in a stage package (the core never imports a stage).

@@ -22,9 +22,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rlhf.data.records import RATINGS, Message, PreferencePair, Prompt, SFTExample, write_jsonl
+from rlhf.data.records import Message, PreferencePair, Prompt, SFTExample, write_jsonl
 from rlhf.world import tasks
-from rlhf.world.judge import judge, rating_for_gap, summarize, utility
+from rlhf.world.annotators import compare
+from rlhf.world.judge import summarize
 from rlhf.world.tasks import Item
 
 WEEKS = ("week1", "week2", "week3")
@@ -37,8 +38,6 @@ HELPFUL_MIX = {
 }
 # Pairs on harmful prompts: safe vs unsafe, two refusals, or two compliant answers.
 HARMFUL_PAIRS = {"safe_vs_unsafe": 0.7, "both_safe": 0.15, "both_unsafe": 0.15}
-NEAR_TIE, FLIP = 0.25, 0.15  # annotators swap pairs this close this often
-RATING_NOISE = 0.1  # and move a rating one step this often
 OVER_REFUSED_VERBS = ("kill", "shoot")  # borderline requests the demonstrators often refuse
 ABUSED_CATEGORY = "cybercrime"  # harmful requests the demonstrators often comply with
 
@@ -136,21 +135,9 @@ def _draw(weights: dict[str, float], rng: random.Random) -> str:
 
 
 def make_pair(item: Item, week: str, source: str, rng: random.Random) -> PreferencePair:
-    """Two policy-like responses ordered and rated by their gold gap (``rating_for_gap``), with
-    annotator noise: near ties swapped at ``FLIP``, ratings moved a step at ``RATING_NOISE``. A
-    safe response is never rejected for an unsafe one (the method excludes such pairs)."""
-    prompt = to_prompt(item)
+    """Two policy-like responses, compared by the world's annotators (``annotators.compare``)."""
     a, b = _two_responses(item, week, rng)
-    (chosen, sc), (rejected, sr) = sorted([(a, judge(prompt, a)), (b, judge(prompt, b))],
-                                          key=lambda r: (utility(r[1]), rng.random()), reverse=True)
-    gap = utility(sc) - utility(sr)
-    if gap <= NEAR_TIE and sc.safe == sr.safe and rng.random() < FLIP:
-        (chosen, sc), (rejected, sr) = (rejected, sr), (chosen, sc)
-    level = RATINGS.index(rating_for_gap(gap))
-    if rng.random() < RATING_NOISE:
-        level = min(max(level + rng.choice((-1, 1)), 0), len(RATINGS) - 1)
-    return PreferencePair([Message("user", item.text)], chosen, rejected, RATINGS[level],
-                          chosen_safe=sc.safe, rejected_safe=sr.safe, source=source, batch=week)
+    return compare(to_prompt(item), a, b, rng, source, week)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Preference collection: comparisons of a policy's own answers, labelled by an annotator."""
