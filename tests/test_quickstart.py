@@ -36,6 +36,12 @@ def test_reduced_quickstart_runs_end_to_end(tmp_path, monkeypatch):
         "rejection_sampling.sampling.max_new_tokens=8", "rejection_sampling.report.temperatures=[]",
         "rejection_sampling.train.batch_size=1", "rejection_sampling.train.micro_batch_size=1",
         "rejection_sampling.train.epochs=1",
+        *[f"{name}.{key}" for name in ("preferences_sft", "preferences") for key in (
+            f"data.sources=[{small[0]}]", "sampling.k=3", "sampling.max_new_tokens=8")],
+        "rm_helpfulness_2.train.max_steps=2",
+        *[f"rejection_sampling_2.{key}" for key in (
+            f"data.sources=[{small[0]}]", "sampling.k=2", "sampling.max_new_tokens=8", "report.temperatures=[]",
+            "train.batch_size=1", "train.micro_batch_size=1", "train.epochs=1")],
         f"ppo.data.sources=[{small[0]}]", "ppo.ppo.iterations=1", "ppo.ppo.prompts_per_iteration=4",
         "ppo.sampling.max_new_tokens=8", "ppo.train.batch_size=4", "ppo.train.micro_batch_size=4",
         f"ppo.early_stop.data.sources=[{{path: {eval_prompts}}}]", "ppo.early_stop.max_prompts=4",
@@ -43,15 +49,18 @@ def test_reduced_quickstart_runs_end_to_end(tmp_path, monkeypatch):
     ]
     out = run_recipe(load_recipe(REPO / "recipes" / "quickstart.yaml", overrides))
 
-    for stage in ("base_model", "sft", "rm_helpfulness", "rm_safety", "rejection_sampling", "ppo", "evaluate"):
+    for stage in ("base_model", "sft", "rm_helpfulness", "rm_safety", "rejection_sampling", "preferences_sft",
+                  "preferences", "rm_helpfulness_2", "rejection_sampling_2", "ppo", "evaluate"):
         assert read_manifest(out / stage)["status"] == "complete", stage
+    on_policy = read_manifest(out / "rm_helpfulness_2")["data"]["sources"]
+    assert {"sft_answers", "rs_answers"} <= set(on_policy)  # the comparisons of the policies' own answers
     report = out / "report"
     assert {"README.md", "summary.json", "rm_accuracy.png", "gold.png"} <= {p.name for p in report.iterdir()}
     summary = json.loads((report / "summary.json").read_text())
     (rnd,) = summary["rounds"]
-    assert set(rnd["reward_models"]) == {"rm_helpfulness", "rm_safety"}
+    assert set(rnd["reward_models"]) == {"rm_helpfulness", "rm_safety", "rm_helpfulness_2"}
     assert 0 <= rnd["reward_models"]["rm_safety"]["accuracy"] <= 1
-    assert list(rnd["policies"]) == ["sft", "rejection_sampling", "ppo"]
+    assert list(rnd["policies"]) == ["sft", "rejection_sampling", "rejection_sampling_2", "ppo"]
     ppo = rnd["policies"]["ppo"]
     for key in ("helpfulness_reward", "safety_reward", "combined_reward", "win_rate_vs_baseline",
                 "win_rate_vs_previous", "kl_from_baseline", "gold"):
