@@ -25,8 +25,10 @@ quickstart: install
 
 # Three weekly rounds on the quickstart world's weekly preference batches (README "Weekly
 # rounds"): the quickstart's SFT policy, then per week `rlhf round add-batch` + `rlhf round run`
-# (both reward models retrained on all batches so far, rejection sampling from the previous
-# round's policy and pool; PPO on top in the third round). Re-running resumes where it stopped.
+# (comparisons of the previous policy's answers; both reward models retrained on all batches so
+# far, rejection sampling from the previous round's policy and pool; PPO on top in the third
+# round). Each round's comparisons are added as a batch before the next round.
+# Re-running resumes where it stopped.
 WEEKS := data/world/weeks
 weekly: install $(WEEKS)/week3/safety_pairs.jsonl
 	$(BIN)/rlhf run recipes/quickstart/base.yaml
@@ -34,7 +36,10 @@ weekly: install $(WEEKS)/week3/safety_pairs.jsonl
 	@for w in 1 2 3; do \
 	  recipe=recipes/quickstart/round.yaml; [ $$w = 3 ] && recipe=recipes/quickstart/round_ppo.yaml; \
 	  grep -qs '"status": "complete"' runs/weekly/rounds/00$$w/round.json && continue; \
-	  [ -d runs/weekly/batches/00$$w ] || $(BIN)/rlhf round add-batch runs/weekly \
+	  answers=runs/weekly/rounds/00$$((w - 1))/preferences/pairs.jsonl; \
+	  [ $$w = 1 ] || grep -qs "\"$$answers\"" runs/weekly/batches/*/batch.json || \
+	    $(BIN)/rlhf round add-batch runs/weekly --helpfulness $$answers || exit 1; \
+	  grep -qs "week$$w/helpful_pairs.jsonl" runs/weekly/batches/*/batch.json || $(BIN)/rlhf round add-batch runs/weekly \
 	    --helpfulness $(WEEKS)/week$$w/helpful_pairs.jsonl --safety $(WEEKS)/week$$w/safety_pairs.jsonl || exit 1; \
 	  $(BIN)/rlhf round run runs/weekly --recipe $$recipe || exit 1; \
 	done

@@ -30,7 +30,7 @@ def test_every_policy_input_accepts_every_policy_kind(stage):
 
 
 def test_every_policy_producing_stage_is_a_policy_kind():
-    assert set(POLICY_KINDS) - {"hf"} == set(STAGES) - {"reward_model", "evaluate"}
+    assert set(POLICY_KINDS) - {"hf"} == set(STAGES) - {"reward_model", "evaluate", "preferences"}
 
 
 @pytest.mark.parametrize("stage", ["rejection_sampling", "ppo", "evaluate"])
