@@ -41,11 +41,14 @@ NOT_INPUT = {
 
 # Commands a test cannot run: how the command starts -> why, and what is checked instead.
 NOT_RUN = {
-    "make quickstart": "runs the whole method (about 5 minutes); checked: the Makefile has the target",
+    "make quickstart": "runs the whole method (about 10 minutes); checked: the Makefile has the target",
     "make test": "runs this test suite; checked: the Makefile has the target",
     ".venv/bin/python -m pytest": "runs this test suite; checked: the markers it selects are declared",
     "rlhf round run": "trains two reward models on a week of pairs and samples from the quickstart's SFT policy "
                       "(minutes); checked: the command line parses and its round recipe validates",
+    **{f"rlhf round add-batch runs/weekly --helpfulness runs/weekly/rounds/{r}/preferences/pairs.jsonl":
+       "adds the comparisons of round {r}, which `rlhf round run` (not run here) writes; checked: the command "
+       "line parses".format(r=r) for r in ("001", "002")},
     "torchrun": "starts several processes (8 on GPUs for the 7B recipe); checked: torchrun accepts the command "
                 "line and the recipe validates with its overrides",
     "accelerate launch": "starts several processes (FSDP and DeepSpeed on GPUs); checked: accelerate accepts the "
