@@ -94,12 +94,13 @@ def rs_summary(stage_dir: Path) -> dict[str, Any]:
 
 
 def rm_summary(stage_dir: Path) -> dict[str, Any] | None:
-    """A reward model's held-out accuracy, overall and per rating, and its length bias."""
+    """A reward model's held-out accuracy, overall, per rating and per test set, and its length bias."""
     evaluation = _read_json(stage_dir / "eval" / "summary.json")
     if not evaluation:
         return None
     return {"accuracy": evaluation.get("accuracy"), "per_rating": evaluation.get("per_rating", {}),
-            "pairs": evaluation.get("pairs"), "length_bias": evaluation.get("length_bias", {})}
+            "pairs": evaluation.get("pairs"), "length_bias": evaluation.get("length_bias", {}),
+            "test_sets": evaluation.get("test_sets", {})}
 
 
 def round_summary(label: str, round_dir: Path, batches: list[str], policy: str | None = None) -> dict[str, Any]:
@@ -178,6 +179,18 @@ GOLD_COLUMNS = [("helpfulness", "gold helpfulness"), ("safety", "gold safety"), 
 SAMPLED_GOLD_COLUMNS = [(key, f"sampled {name.removeprefix('gold ')}") for key, name in GOLD_COLUMNS]
 
 
+def _test_set_lines(reward_models: dict[str, dict]) -> list[str]:
+    """Each reward model's accuracy per held-out or test set, where it has several: a set of
+    comparisons of the policy's own answers (a preferences stage's pairs) shows how well the
+    reward model ranks what the policy actually says."""
+    rows = [[name, test_set, accuracy] for name, rm in reward_models.items() if len(rm.get("test_sets") or {}) > 1
+            for test_set, accuracy in rm["test_sets"].items()]
+    if not rows:
+        return []
+    return ["Reward-model accuracy per held-out set (a source of comparisons of the policy's own answers "
+            "shows how well it ranks what the policy says):", "", *_table(["reward model", "set", "accuracy"], rows), ""]
+
+
 def markdown(summary: dict[str, Any], plots: list[str]) -> str:
     lines = [f"# Progress report: {summary['run']}", ""] + _progress_lines(summary.get("progress", []))
     for rnd in summary["rounds"]:
@@ -193,6 +206,7 @@ def markdown(summary: dict[str, Any], plots: list[str]) -> str:
             lines += ["Reward-model accuracy on held-out pairs, per rating; length bias: the correlation of reward "
                       "with response length (words), and the accuracy of \"the longer answer wins\":", ""]
             lines += _table(["reward model", "overall", *RATINGS, "length corr", "longer wins"], rows) + [""]
+            lines += _test_set_lines(rnd["reward_models"])
         lines += _training_lines(rnd)
         if rnd["policies"]:
             gold = [(key, columns) for key, columns in (("gold", GOLD_COLUMNS), ("gold_sampled", SAMPLED_GOLD_COLUMNS))

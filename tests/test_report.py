@@ -271,3 +271,17 @@ def test_the_report_shows_gold_helpfulness_by_task_per_policy(tmp_path):
     readme = (write_report(root) / "README.md").read_text()
     assert "| policy | add | reverse |" in readme
     assert "| sft | 0.500 | 0.900 |" in readme and "| rs | 1.000 | 0.500 |" in readme
+
+
+def test_the_report_shows_reward_model_accuracy_per_held_out_set(tmp_path):
+    root = pipeline_dir(tmp_path / "run", {"rm_one": "reward_model", "rm_two": "reward_model"})
+    for name, sets in (("rm_one", {"held_out.helpful": 0.8}),
+                       ("rm_two", {"held_out.helpful": 0.82, "held_out.rs_answers": 0.466})):
+        stage_dir(root / name, "reward_model")
+        (root / name / "eval").mkdir()
+        (root / name / "eval" / "summary.json").write_text(json.dumps({"accuracy": 0.8, "per_rating": {}, "test_sets": sets}))
+    readme = (write_report(root) / "README.md").read_text()
+    assert "| reward model | set | accuracy |" in readme
+    assert "| rm_two | held_out.helpful | 0.820 |" in readme and "| rm_two | held_out.rs_answers | 0.466 |" in readme
+    assert "| rm_one | held_out.helpful |" not in readme  # one set: the overall accuracy already says it
+
