@@ -125,3 +125,22 @@ def test_preferences_stage_writes_labelled_pairs_a_reward_model_reads(tmp_path):
     assert set(input_fingerprints(rm)) >= {"pairs_from.onpolicy", "model_from"}
     assert len(load_data(rm.data, "preference", 0).records) == len(rows)
     assert run(cfg) == out and read_jsonl(out / "pairs.jsonl") == rows  # re-running keeps the finished stage
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_pairs_of_one(tmp_path):
+    import yaml
+    from launch import launch
+
+    tokenizer = bpe_tokenizer(PROMPT_CORPUS)
+    policy = ends_early(tiny_llama(len(tokenizer), max_positions=256), opens=tokenizer.convert_tokens_to_ids("[/INST]"))
+    world = stage_world(tmp_path / "world", tokenizer, policy, {})
+    (tmp_path / "annot.py").write_text(HOOK)
+    recipe = tmp_path / "prefs.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "stage": "preferences", "policy_from": str(world / "sft"), "annotator": f"{tmp_path / 'annot.py'}:longer",
+        "data": {"sources": [{"path": str(world / "prompts.jsonl")}]}, "pairs_per_prompt": 2,
+        "sampling": {"k": 4, "max_new_tokens": 6, "temperature": 1.0, "batch_size": 8}, "batch": "week4"}))
+    one, two = launch(recipe, tmp_path / "one"), launch(recipe, tmp_path / "two", processes=2)
+    assert read_jsonl(one / "pairs.jsonl") == read_jsonl(two / "pairs.jsonl") != []
+

@@ -73,6 +73,15 @@ def load_annotator(ref: str) -> Annotator:
     return labels
 
 
+def broadcast(accelerator, value):
+    """The main process's ``value`` on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
 def run(cfg: PreferencesConfig) -> Path:
     stage = StageRun(cfg).start()
     accelerator = make_accelerator(cfg, cfg.report_to, stage.dir)
@@ -86,7 +95,10 @@ def run(cfg: PreferencesConfig) -> Path:
     samples, _ = sample_all(accelerator, policy, tokenizer, items, cfg.sampling.k, cfg.sampling.temperature, cfg, 0,
                             stage.dir / "samples")
     comparisons = draw_comparisons(items, samples, cfg.pairs_per_prompt, cfg.seed)
-    labelled = annotate([c[0].prompt for c in comparisons], [c[1] for c in comparisons], [c[2] for c in comparisons])
+    labelled = None  # the annotator (an LLM-as-judge, say) labels once, on the main process
+    if accelerator.is_main_process:
+        labelled = annotate([c[0].prompt for c in comparisons], [c[1] for c in comparisons], [c[2] for c in comparisons])
+    labelled = broadcast(accelerator, labelled)
     batch = cfg.batch or stage.dir.name
     pairs = [{**to_dict(p), "batch": batch} for p in labelled if p is not None]
     if accelerator.is_main_process:
