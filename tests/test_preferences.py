@@ -3,6 +3,7 @@ answers, the annotator hook's checks, the quickstart world's annotators, and a r
 reading a preferences stage's pairs through ``pairs_from``."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -94,21 +95,27 @@ def test_reward_model_reads_pairs_from_a_preferences_stage(tmp_path):
         validate(RewardModelConfig, data, "test")
 
 
+def _world(tmp_path: Path) -> tuple[Path, dict]:
+    """A ``tiny.stage_world`` whose policy ends its answers early, ``annot.py`` (``HOOK``), and a
+    preferences recipe on its 8 prompts: 4 answers each, 2 comparisons, labelled by ``longer``."""
+    tokenizer = bpe_tokenizer(PROMPT_CORPUS)
+    policy = ends_early(tiny_llama(len(tokenizer), max_positions=256), opens=tokenizer.convert_tokens_to_ids("[/INST]"))
+    world = stage_world(tmp_path / "world", tokenizer, policy, {})
+    (tmp_path / "annot.py").write_text(HOOK)
+    return world, {"stage": "preferences", "policy_from": str(world / "sft"), "annotator": f"{tmp_path / 'annot.py'}:longer",
+                   "data": {"sources": [{"path": str(world / "prompts.jsonl")}]}, "pairs_per_prompt": 2,
+                   "sampling": {"k": 4, "max_new_tokens": 6, "temperature": 1.0}, "batch": "week4"}
+
+
 @pytest.mark.slow
 def test_preferences_stage_writes_labelled_pairs_a_reward_model_reads(tmp_path):
     from reward_model.config import RewardModelConfig
     from rlhf.preferences.config import PreferencesConfig
     from rlhf.preferences.stage import run
 
-    tokenizer = bpe_tokenizer(PROMPT_CORPUS)
-    policy = ends_early(tiny_llama(len(tokenizer), max_positions=256), opens=tokenizer.convert_tokens_to_ids("[/INST]"))
-    world = stage_world(tmp_path / "world", tokenizer, policy, {})
-    (tmp_path / "annot.py").write_text(HOOK)
-    cfg = validate(PreferencesConfig, {
-        "stage": "preferences", "output_dir": str(tmp_path / "prefs"), "policy_from": str(world / "sft"),
-        "data": {"sources": [{"path": str(world / "prompts.jsonl")}], "kind": "helpfulness"},
-        "sampling": {"k": 4, "max_new_tokens": 6, "temperature": 1.0}, "pairs_per_prompt": 2,
-        "annotator": f"{tmp_path / 'annot.py'}:longer", "batch": "week4"}, "test")
+    world, recipe = _world(tmp_path)
+    cfg = validate(PreferencesConfig, {**recipe, "output_dir": str(tmp_path / "prefs"),
+                                       "data": {**recipe["data"], "kind": "helpfulness"}}, "test")
     out = run(cfg)
     rows = read_jsonl(out / "pairs.jsonl")
     m = json.loads((out / "manifest.json").read_text())["metrics"]
@@ -132,15 +139,9 @@ def test_two_processes_write_the_pairs_of_one(tmp_path):
     import yaml
     from launch import launch
 
-    tokenizer = bpe_tokenizer(PROMPT_CORPUS)
-    policy = ends_early(tiny_llama(len(tokenizer), max_positions=256), opens=tokenizer.convert_tokens_to_ids("[/INST]"))
-    world = stage_world(tmp_path / "world", tokenizer, policy, {})
-    (tmp_path / "annot.py").write_text(HOOK)
-    recipe = tmp_path / "prefs.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "stage": "preferences", "policy_from": str(world / "sft"), "annotator": f"{tmp_path / 'annot.py'}:longer",
-        "data": {"sources": [{"path": str(world / "prompts.jsonl")}]}, "pairs_per_prompt": 2,
-        "sampling": {"k": 4, "max_new_tokens": 6, "temperature": 1.0, "batch_size": 8}, "batch": "week4"}))
-    one, two = launch(recipe, tmp_path / "one"), launch(recipe, tmp_path / "two", processes=2)
+    _, recipe = _world(tmp_path)
+    path = tmp_path / "prefs.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "sampling": {**recipe["sampling"], "batch_size": 8}}))  # 4 buckets of 2 prompts
+    one, two = launch(path, tmp_path / "one"), launch(path, tmp_path / "two", processes=2)
     assert read_jsonl(one / "pairs.jsonl") == read_jsonl(two / "pairs.jsonl") != []
 
