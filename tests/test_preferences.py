@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import RecipeError, validate
-from rlhf.data import Message, PreferencePair, Prompt, load_data
+from rlhf.data import Message, Prompt, load_data
 from rlhf.preferences.stage import draw_comparisons, load_annotator, wanted
 from rlhf.prompt_sampling import Item
 from tiny import PROMPT_CORPUS, PROMPTS, bpe_tokenizer, ends_early, read_jsonl, stage_world, tiny_llama
