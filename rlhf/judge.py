@@ -25,17 +25,29 @@ def gold_judge(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[floa
     return [utility(judge(p, r)) for p, r in zip(prompts, responses, strict=True)]
 
 
-def hook_judge(ref: str) -> Judge:
-    """The user's ``module:function``, its answer checked: one finite number per response."""
+def user_hook(key: str, ref: str, convert: Callable = lambda x: x) -> Callable[..., list]:
+    """The user's ``module:function`` of recipe key ``key``, called with lists and its answer
+    read as a list (each item through ``convert``); anything it raises becomes a RecipeError
+    naming the key and the hook."""
     from rlhf.data.load import _import_hook
 
     fn = _import_hook(ref)
 
-    def scores(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+    def call(*args: Sequence) -> list:
         try:
-            out = [float(x) for x in fn(list(prompts), list(responses))]
-        except Exception as exc:  # a user's judge may raise anything
-            raise RecipeError(f"judge.hook: {ref} failed: {type(exc).__name__}: {exc}") from exc
+            return [convert(x) for x in fn(*(list(a) for a in args))]
+        except Exception as exc:  # a user's hook may raise anything
+            raise RecipeError(f"{key}: {ref} failed: {type(exc).__name__}: {exc}") from exc
+
+    return call
+
+
+def hook_judge(ref: str) -> Judge:
+    """The user's ``module:function``, its answer checked: one finite number per response."""
+    fn = user_hook("judge.hook", ref, float)
+
+    def scores(prompts: Sequence[Prompt], responses: Sequence[str]) -> list[float]:
+        out = fn(prompts, responses)
         if len(out) != len(responses) or not all(math.isfinite(x) for x in out):
             raise RecipeError(f"judge.hook: {ref} must return one finite number per response "
                               f"({len(responses)}), got {len(out)} values")

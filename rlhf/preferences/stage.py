@@ -23,6 +23,7 @@ from rlhf.artifacts import StageRun
 from rlhf.config import PAIRS, RecipeError
 from rlhf.data import PreferencePair, Prompt, load_data, to_dict, write_jsonl_rows
 from rlhf.generation import row_seed
+from rlhf.judge import user_hook
 from rlhf.models import inference_dtype, load_policy
 from rlhf.preferences.config import PreferencesConfig
 from rlhf.prompt_sampling import Item, prepare_prompts, sample_all
@@ -53,15 +54,10 @@ def draw_comparisons(items: Sequence[Item], samples: dict[str, dict], per_prompt
 def load_annotator(ref: str) -> Annotator:
     """The user's hook, its answer checked: one PreferencePair (or None) per comparison, ordering
     exactly the two answers it was given."""
-    from rlhf.data.load import _import_hook
-
-    fn = _import_hook(ref)
+    fn = user_hook("annotator", ref)
 
     def labels(prompts: Sequence[Prompt], a: Sequence[str], b: Sequence[str]) -> list[PreferencePair | None]:
-        try:
-            out = list(fn(list(prompts), list(a), list(b)))
-        except Exception as exc:  # a user's annotator may raise anything
-            raise RecipeError(f"annotator: {ref} failed: {type(exc).__name__}: {exc}") from exc
+        out = fn(prompts, a, b)
         if len(out) != len(a):
             raise RecipeError(f"annotator: {ref} must return one pair (or None) per comparison ({len(a)}), got {len(out)}")
         for i, pair in enumerate(out):
