@@ -71,13 +71,15 @@ def kept_iteration(metrics: dict[str, Any]) -> dict[str, Any] | None:
     """Which PPO iteration's policy is the stage's ``model/``, from the record in its manifest's
     ``metrics`` (``rlhf.ppo.stage.final_metrics``; None without one): ``iteration`` (0 is the
     start policy), ``of`` (the last iteration run), ``by`` (``reward``, ``judge`` or ``last``),
+    ``min_se`` (the standard errors a new best had to gain by; 0: any gain),
     and the held-out ``eval_reward`` / ``eval_judge`` of the kept and (``last``) of the last
     iteration."""
     if "kept_iteration" not in metrics:
         return None
     kept, of = metrics["kept_iteration"], metrics["last_iteration"]
     last = metrics if kept == of else {key: metrics.get(f"last_{key}") for key in HELD_OUT}
-    return {"iteration": kept, "of": of, "by": metrics["kept_by"], **{key: metrics.get(key) for key in HELD_OUT},
+    return {"iteration": kept, "of": of, "by": metrics["kept_by"], "min_se": metrics.get("kept_min_se", 0.0),
+            **{key: metrics.get(key) for key in HELD_OUT},
             "last": {key: last.get(key) for key in HELD_OUT}}
 
 
@@ -271,7 +273,9 @@ def kept_sentence(kept: dict[str, Any]) -> str:
     if kept["by"] == "last":
         return f"kept the last iteration, {kept['iteration']} (no early_stop.data: nothing held out to choose by)"
     if kept["iteration"] == 0:
-        return f"kept iteration 0 of {kept['of']}: the start policy, as no iteration beat its {KEPT_BY[kept['by']]}"
+        margin = f" by more than {kept['min_se']:g} standard errors" if kept.get("min_se") else ""
+        return (f"kept iteration 0 of {kept['of']}: the start policy, as no iteration beat its "
+                f"{KEPT_BY[kept['by']]}{margin}")
     return f"kept iteration {kept['iteration']} of {kept['of']}, the best {KEPT_BY[kept['by']]}"
 
 

@@ -127,13 +127,37 @@ def test_early_stop_keeps_the_best_held_out_policy(world, tmp_path):
 ROLLOUT_KEYS = ("reward_c", "reward_h", "kl", "entropy", "policy_loss", "response_length")
 
 
+def test_a_new_best_must_beat_the_best_by_its_standard_error():
+    from rlhf.ppo.stage import beats
+
+    best = [0.5, 0.5, 0.5]
+    # differences 0.1, 0, 0.2: mean 0.1, standard deviation 0.1, standard error 0.1 / sqrt(3) = 0.0577
+    assert beats([0.6, 0.5, 0.7], best, 0.5, 0.0) and beats([0.6, 0.5, 0.7], best, 0.5, 1.0)
+    assert not beats([0.6, 0.5, 0.7], best, 0.5, 2.0)  # 0.1 < 2 x 0.0577
+    assert not beats([0.4, 0.5, 0.6], best, 0.5, 0.0)  # the same mean: no gain
+    assert beats([0.1], [], -float("inf"), 2.0)  # the first evaluation is the first best
+    assert beats([0.6, 0.6], [], 0.5, 2.0) and not beats([0.4, 0.6], [], 0.5, 0.0)  # no per-prompt scores: the means
+
+
+def test_early_stop_with_a_margin_keeps_the_start_policy_when_no_gain_clears_it(world, tmp_path):
+    from rlhf.ppo.stage import run
+
+    held_out = {"sources": [{"path": str(world / "prompts.jsonl")}]}
+    stop = {"early_stop": {"data": held_out, "every": 1, "min_improvement_se": 1e6}, "ppo.iterations": 2}
+    out = run(_cfg(world, tmp_path / "ppo", **stop))
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert (metrics["kept_iteration"], metrics["kept_min_se"], metrics["last_iteration"]) == (0, 1e6, 2)
+    a, b = stored_weights(out / "model"), stored_weights(world / "sft" / "model")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_manifest_and_card_describe_the_kept_policy_not_the_last_iteration(world, tmp_path, monkeypatch):
     """Held-out scores forced to peak at iteration 1 of 3: the manifest's metrics, the model card
     and the report are iteration 1's; the last iteration's are kept as ``last_NAME``."""
     from rlhf.ppo import stage
     from rlhf.report import ppo_summary
 
-    scores = iter([(0.2, 0.1), (0.6, 0.5), (0.4, 0.7), (0.3, 0.2)])  # (R_c, judge) at iterations 0..3
+    scores = iter([([0.2], [0.1]), ([0.6], [0.5]), ([0.4], [0.7]), ([0.3], [0.2])])  # (R_c, judge) at iterations 0..3
     monkeypatch.setattr(stage, "evaluate", lambda *args: next(scores))
     held_out = {"sources": [{"path": str(world / "prompts.jsonl")}]}
     out = stage.run(_cfg(world, tmp_path / "ppo", **{"early_stop": {"data": held_out, "every": 1}, "ppo.iterations": 3}))
@@ -148,7 +172,7 @@ def test_manifest_and_card_describe_the_kept_policy_not_the_last_iteration(world
     assert "The policy of PPO iteration 1 of 3, its best held-out evaluation by `reward`" in card
     assert "| `kept_iteration` | 1 |" in card and "| `eval_reward` | 0.6 |" in card and "| `last_eval_reward` | 0.3 |" in card
     assert f"| `kl` | {rows[1]['kl']:.4g} |" in card
-    assert ppo_summary(out)["kept"] == {"iteration": 1, "of": 3, "by": "reward", "eval_reward": 0.6, "eval_judge": 0.5,
+    assert ppo_summary(out)["kept"] == {"iteration": 1, "of": 3, "by": "reward", "min_se": 0.0, "eval_reward": 0.6, "eval_judge": 0.5,
                                         "last": {"eval_reward": 0.3, "eval_judge": 0.2}}
 
 

@@ -132,6 +132,11 @@ def test_prompt_keys_and_categories():
     items = [Item("1", a, []), Item("2", Prompt([Message("user", "z")], is_safety=True, source="adv"), [])]
     assert rs_report.prompt_categories(items) == {"all": ["1", "2"], "helpfulness": ["1"], "safety": ["2"],
                                            "source:": ["1"], "source:adv": ["2"]}
+    tasks = [Item(str(n), Prompt([Message("user", str(n))], meta=meta), []) for n, meta in
+             enumerate([{"task": "add"}, {"task": "reverse"}, {}, {"task": "add"}])]
+    assert rs_report.prompt_categories(tasks) == {"all": ["0", "1", "2", "3"], "helpfulness": ["0", "1", "2", "3"],
+                                           "task:add": ["0", "3"], "task:reverse": ["1"]}
+    assert "task:add" not in rs_report.prompt_categories(tasks[::3])  # one task: no split
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ def pipeline_dir(root: Path, stages: dict[str, str]) -> Path:
     return root
 
 
-def ppo_dir(path: Path, eval_rewards: list[float], kept: int | None = None, by: str = "reward") -> Path:
+def ppo_dir(path: Path, eval_rewards: list[float], kept: int | None = None, by: str = "reward", min_se: float = 0.0) -> Path:
     """A finished PPO stage: held-out evaluations ``eval_rewards`` at iterations 0, 1, ... (the
     judge 0.1 lower), rollout metrics from iteration 1 on; its manifest's metrics those the stage
     writes when it kept iteration ``kept`` by ``by`` (``rlhf.ppo.stage.final_metrics``)."""
@@ -36,7 +36,7 @@ def ppo_dir(path: Path, eval_rewards: list[float], kept: int | None = None, by: 
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     unstepped = [{k: v for k, v in r.items() if k != "step"} for r in rows]
     early = EarlyStop() if kept is None else EarlyStop(best_iteration=kept, best_metrics=unstepped[kept])
-    metrics = final_metrics(unstepped[-1], len(rows) - 1, early, by)
+    metrics = final_metrics(unstepped[-1], len(rows) - 1, early, by, min_se)
     (path / "manifest.json").write_text(json.dumps({"stage": "ppo", "status": "complete", "metrics": metrics}))
     return path
 
@@ -53,7 +53,7 @@ def test_report_names_the_kept_ppo_iteration_and_shows_its_metrics(tmp_path):
     assert "| kept | 2 | 0.700 | 0.600 |" in readme  # iteration 2's held-out R_c and judge
     assert "| last (not kept) | 4 | 0.450 | 0.350 |" in readme
     kept = json.loads((root / "report" / "summary.json").read_text())["rounds"][0]["ppo"]["ppo"]["kept"]
-    assert kept == {"iteration": 2, "of": 4, "by": "reward", "eval_reward": 0.7, "eval_judge": 0.6,
+    assert kept == {"iteration": 2, "of": 4, "by": "reward", "min_se": 0.0, "eval_reward": 0.7, "eval_judge": 0.6,
                     "last": {"eval_reward": 0.45, "eval_judge": 0.35}}
     assert stage_summary(root / "ppo", "ppo") == [
         "done: kept iteration 2 of 4, the best held-out reward R_c (held-out R_c 0.700, judge 0.600)"]
@@ -63,6 +63,10 @@ def test_kept_start_policy_by_the_judge_and_the_last_without_held_out_prompts(tm
     judged = ppo_dir(tmp_path / "judged", [0.5, 0.4], kept=0, by="judge")
     assert stage_summary(judged, "ppo") == ["done: kept iteration 0 of 1: the start policy, as no iteration beat its "
                                             "held-out judge score (held-out R_c 0.500, judge 0.400)"]
+    margin = ppo_dir(tmp_path / "margin", [0.5, 0.52], kept=0, min_se=2.0)
+    assert stage_summary(margin, "ppo") == ["done: kept iteration 0 of 1: the start policy, as no iteration beat its "
+                                            "held-out reward R_c by more than 2 standard errors (held-out R_c 0.500, "
+                                            "judge 0.400)"]
     plain = stage_dir(tmp_path / "plain", "ppo")
     (plain / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "kl": 0.1, "reward_c": 0.3}) + "\n" for i in (1, 2, 3)))
     (plain / "manifest.json").write_text(json.dumps({"stage": "ppo", "status": "complete", "metrics": {

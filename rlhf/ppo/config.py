@@ -135,6 +135,11 @@ class EarlyStopConfig(Strict):
                                  "without a new best; null: never stop early (the best "
                                  "evaluated policy is still the output).")
     max_prompts: int = Field(256, gt=0, description="Held-out prompts evaluated at most.")
+    min_improvement_se: float = Field(
+        0.0, ge=0, description="A later evaluation is a new best only if it beats the best so far by more "
+        "than this many standard errors of the per-prompt difference (paired over the held-out prompts): "
+        "0 takes any gain; 2 keeps gains that are unlikely to be the noise of the evaluation itself, "
+        "so a run whose reward only wanders keeps the start policy.")
     metric: Literal["reward", "judge"] = Field(
         "reward", description="What early stopping (and the policy kept) goes by on the held-out prompts: the "
         "proxy reward R_c, or the independent judge's mean score (needs `judge`).")

@@ -52,6 +52,7 @@ from rlhf.ppo.config import PPOConfig
 from rlhf.ppo.losses import entropy, explained_variance, gae, policy_loss, value_loss
 from rlhf.ppo.rollout import critic_values, reference
 from rlhf.progress import Progress
+from rlhf.prompt_sampling import gather_dict
 from rlhf.rewards import kl_penalty, logit, penalize_truncated, resolve_gate_threshold, safety_gate, token_rewards, whiten
 from rlhf.training import (
     disable_dropout, epoch_order, latest_checkpoint, lr_factor, make_accelerator, make_optimizer, micro_batches,
@@ -106,6 +107,7 @@ class EarlyStop:
 
     best: float = -math.inf
     best_iteration: int = -1
+    best_scores: list = field(default_factory=list)  # the best evaluation's per-prompt scores (``beats``)
     best_metrics: dict = field(default_factory=dict)  # the metrics of the best evaluation's iteration
     bad_evals: int = 0
     proxy: list = field(default_factory=list)  # the proxy reward of each evaluation (for ``diverging``)
@@ -216,7 +218,7 @@ def run(cfg: PPOConfig) -> Path:
     progress.close()
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
         tracker.finish()
-    kept = {**final_metrics(metrics, done, early, cfg.early_stop.metric), "gate_threshold": cfg.gate_threshold}
+    kept = {**final_metrics(metrics, done, early, cfg.early_stop.metric, cfg.early_stop.min_improvement_se), "gate_threshold": cfg.gate_threshold}
     return finish(accelerator, run, models, early, kept, counts, cfg)
 
 
@@ -501,13 +503,16 @@ def rollout_metrics(ro: Rollouts, kl: torch.Tensor, returns: torch.Tensor, advan
     }
 
 
-def evaluate(accelerator, models: Models, held_out: list[tuple[Prompt, list[int]]], cfg: PPOConfig) -> tuple[float, float | None]:
-    """Mean gated reward R_c (truncated responses penalised, as in the rollouts) of greedy
-    responses to the held-out prompts (all processes), and the judge's mean score of them (None
-    without a judge)."""
-    mine = held_out[: cfg.early_stop.max_prompts][accelerator.process_index :: accelerator.num_processes]
+def evaluate(accelerator, models: Models, held_out: list[tuple[Prompt, list[int]]],
+             cfg: PPOConfig) -> tuple[list[float], list[float] | None]:
+    """Per held-out prompt, in their order (all processes): the gated reward R_c (truncated
+    responses penalised, as in the rollouts) of the greedy response, and the judge's score of it
+    (None without a judge)."""
+    n = min(len(held_out), cfg.early_stop.max_prompts)
+    places = range(accelerator.process_index, n, accelerator.num_processes)
+    mine = [held_out[i] for i in places]
     policy = accelerator.unwrap_model(models.policy).eval()
-    total = torch.zeros(3, device=accelerator.device)
+    scores = {}
     if mine:
         with torch.no_grad(), accelerator.autocast():
             samples = generate(policy, [ids for _, ids in mine], [0] * len(mine), models.tokenizer, cfg, greedy=True)
@@ -517,21 +522,23 @@ def evaluate(accelerator, models: Models, held_out: list[tuple[Prompt, list[int]
         finished = torch.tensor(samples.finished, device=accelerator.device)
         reward = penalize_truncated(gated.reward, finished, cfg.missing_eos_penalty)
         judged = judge_scores(models.judge, [p for p, _ in mine], samples.texts, accelerator.device)
-        total += torch.stack([reward.sum(), torch.tensor(float(len(mine)), device=accelerator.device), judged.sum()])
-    total = accelerator.reduce(total, "sum")
-    return float(total[0] / total[1]), (float(total[2] / total[1]) if models.judge else None)
+        scores = dict(zip(places, zip(reward.tolist(), judged.tolist())))
+    every = gather_dict(accelerator, scores)
+    rewards, judged = ([every[i][k] for i in range(n)] for k in (0, 1))
+    return rewards, (judged if models.judge else None)
 
 
 def record_evaluation(accelerator, models: Models, held_out, early: EarlyStop, metrics: dict, done: int,
                       run: StageRun, cfg: PPOConfig) -> bool:
     """Evaluate on the held-out prompts into ``metrics`` (``eval_reward``, ``eval_judge``),
     update early stopping on ``early_stop.metric`` and the over-optimisation trend; True to stop."""
-    metrics["eval_reward"], judge = evaluate(accelerator, models, held_out, cfg)
-    if judge is not None:
-        metrics["eval_judge"] = judge
-        note_trend(accelerator, early, metrics, metrics["eval_reward"], judge, done, cfg)
-    value = judge if cfg.early_stop.metric == "judge" else metrics["eval_reward"]
-    return update_early_stop(early, value, metrics, done, accelerator, run, cfg)
+    rewards, judged = evaluate(accelerator, models, held_out, cfg)
+    metrics["eval_reward"] = sum(rewards) / len(rewards)
+    if judged is not None:
+        metrics["eval_judge"] = sum(judged) / len(judged)
+        note_trend(accelerator, early, metrics, metrics["eval_reward"], metrics["eval_judge"], done, cfg)
+    scores = judged if cfg.early_stop.metric == "judge" else rewards
+    return update_early_stop(early, scores, metrics, done, accelerator, run, cfg)
 
 
 def note_trend(accelerator, early: EarlyStop, metrics: dict, proxy: float, judge: float, done: int, cfg: PPOConfig) -> None:
@@ -548,30 +555,46 @@ def note_trend(accelerator, early: EarlyStop, metrics: dict, proxy: float, judge
                           "models (keep an earlier checkpoint, raise ppo.beta, or set early_stop.metric: judge)")
 
 
-def update_early_stop(early: EarlyStop, reward: float, metrics: dict, done: int, accelerator, run: StageRun,
+def beats(scores: list[float], best_scores: list[float], best: float, min_se: float) -> bool:
+    """Whether an evaluation's per-prompt scores beat the best evaluation's on the same prompts:
+    their mean difference d is above 0 and above ``min_se`` standard errors of d (paired over the
+    prompts). Without the best's scores (the first evaluation) their mean must beat ``best``."""
+    if not best_scores:
+        return sum(scores) / len(scores) > best
+    diffs = [a - b for a, b in zip(scores, best_scores)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+    return mean > 0 and mean > min_se * se
+
+
+def update_early_stop(early: EarlyStop, scores: list[float], metrics: dict, done: int, accelerator, run: StageRun,
                       cfg: PPOConfig) -> bool:
-    """Record a held-out evaluation; checkpoint a new best (with its iteration's ``metrics``);
-    True when patience ran out."""
-    if reward > early.best:
-        early.best, early.best_iteration, early.bad_evals, early.best_metrics = reward, done, 0, dict(metrics)
+    """Record a held-out evaluation (per-prompt scores of ``early_stop.metric``); checkpoint a
+    new best (``beats``, with its iteration's ``metrics``); True when patience ran out."""
+    if beats(scores, early.best_scores, early.best, cfg.early_stop.min_improvement_se):
+        early.best, early.best_scores = sum(scores) / len(scores), list(scores)
+        early.best_iteration, early.bad_evals, early.best_metrics = done, 0, dict(metrics)
         save_checkpoint(accelerator, run.checkpoints / "best", done, keep=1)
         return False
     early.bad_evals += 1
     return cfg.early_stop.patience is not None and early.bad_evals >= cfg.early_stop.patience
 
 
-def final_metrics(metrics: dict[str, Any], last: int, early: EarlyStop, metric: str) -> dict[str, Any]:
+def final_metrics(metrics: dict[str, Any], last: int, early: EarlyStop, metric: str, min_se: float = 0.0) -> dict[str, Any]:
     """The manifest's final metrics: those of the policy saved in ``model/``. ``kept_iteration``
     and ``kept_by`` (``early_stop.metric``, or ``last`` with nothing held out), then the metrics
     of the kept iteration (its held-out ``eval_reward`` / ``eval_judge``, and the metrics of the
     rollouts it trained on, sampled before its update, as ``metrics.jsonl`` logs them at its step;
     iteration 0, the start policy, has only the held-out ones); ``last_iteration``
     and, where the kept iteration is not the last, the last iteration's ``metrics`` as
-    ``last_NAME``."""
+    ``last_NAME``; ``kept_min_se`` where a new best had to beat the best by ``min_se`` standard
+    errors (``early_stop.min_improvement_se``)."""
+    by = "last" if early.best_iteration < 0 else metric
+    rule = {"kept_min_se": min_se} if min_se and by != "last" else {}
     if early.best_iteration < 0 or early.best_iteration == last:
-        by = "last" if early.best_iteration < 0 else metric
-        return {"kept_iteration": last, "kept_by": by, **metrics, "last_iteration": last}
-    return {"kept_iteration": early.best_iteration, "kept_by": metric, **early.best_metrics, "last_iteration": last,
+        return {"kept_iteration": last, "kept_by": by, **rule, **metrics, "last_iteration": last}
+    return {"kept_iteration": early.best_iteration, "kept_by": metric, **rule, **early.best_metrics, "last_iteration": last,
             **{f"last_{key}": value for key, value in metrics.items()}}
 
 

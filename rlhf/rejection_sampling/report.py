@@ -63,12 +63,15 @@ def judge_agreement(rewards: Sequence[float], judges: Sequence[float]) -> tuple[
 
 
 def prompt_categories(items: Sequence[Item]) -> dict[str, list[str]]:
-    """Category -> keys: all, helpfulness / safety prompts, and each source when there are several."""
+    """Category -> keys: all, helpfulness / safety prompts, each source and each ``meta["task"]``
+    (the quickstart world's prompts carry one) when there are several: where the reward models
+    rank the policy's samples as the judge does, and where they are blind."""
     cats = {"all": [i.key for i in items], "helpfulness": [i.key for i in items if not i.prompt.is_safety],
             "safety": [i.key for i in items if i.prompt.is_safety]}
-    sources = sorted({i.prompt.source for i in items})
-    if len(sources) > 1:
-        cats.update({f"source:{s}": [i.key for i in items if i.prompt.source == s] for s in sources})
+    for field, value_of in (("source", lambda i: i.prompt.source), ("task", lambda i: i.prompt.meta.get("task"))):
+        values = sorted({value_of(i) for i in items} - {None})
+        if len(values) > 1:
+            cats.update({f"{field}:{v}": [i.key for i in items if value_of(i) == v] for v in values})
     return {name: keys for name, keys in cats.items() if keys}
 
 
@@ -126,7 +129,7 @@ def write_report(out: Path, items, samples, scores, sweep_scores, changes, round
                "categories_max_at_K": {name: c["max"][-1] for name, c in curves.items()}}
     (out / "report").mkdir(exist_ok=True)
     write_json_atomic(out / "report" / "summary.json", summary)
-    plot_curves(out / "report" / "best_of_k.png", curves, "Reward of the best of k samples (Fig. 7)"
+    plot_curves(out / "report" / "best_of_k.png", {n: c for n, c in curves.items() if not n.startswith("task:")}, "Reward of the best of k samples (Fig. 7)"
                 + (";\njudge score of the sample chosen" if judges else ""))
     if sweep:
         plot_curves(out / "report" / "temperature_sweep.png", {f"T={t}": c for t, c in sweep.items()},
