@@ -28,6 +28,7 @@ schedulers, early-stop state) is written only after the rollouts of iteration k 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, fields
@@ -218,7 +219,8 @@ def run(cfg: PPOConfig) -> Path:
     progress.close()
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
         tracker.finish()
-    kept = {**final_metrics(metrics, done, early, cfg.early_stop.metric, cfg.early_stop.min_improvement_se), "gate_threshold": cfg.gate_threshold}
+    kept = {**final_metrics(metrics, done, early, cfg.early_stop.metric, cfg.early_stop.min_improvement_se),
+            "gate_threshold": cfg.gate_threshold}
     return finish(accelerator, run, models, early, kept, counts, cfg)
 
 
@@ -562,9 +564,8 @@ def beats(scores: list[float], best_scores: list[float], best: float, min_se: fl
     if not best_scores:
         return sum(scores) / len(scores) > best
     diffs = [a - b for a, b in zip(scores, best_scores)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else 0.0
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
     return mean > 0 and mean > min_se * se
 
 

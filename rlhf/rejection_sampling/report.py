@@ -129,7 +129,8 @@ def write_report(out: Path, items, samples, scores, sweep_scores, changes, round
                "categories_max_at_K": {name: c["max"][-1] for name, c in curves.items()}}
     (out / "report").mkdir(exist_ok=True)
     write_json_atomic(out / "report" / "summary.json", summary)
-    plot_curves(out / "report" / "best_of_k.png", {n: c for n, c in curves.items() if not n.startswith("task:")}, "Reward of the best of k samples (Fig. 7)"
+    plotted = {name: c for name, c in curves.items() if not name.startswith("task:")}  # tasks: the table only
+    plot_curves(out / "report" / "best_of_k.png", plotted, "Reward of the best of k samples (Fig. 7)"
                 + (";\njudge score of the sample chosen" if judges else ""))
     if sweep:
         plot_curves(out / "report" / "temperature_sweep.png", {f"T={t}": c for t, c in sweep.items()},
